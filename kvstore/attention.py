@@ -101,8 +101,13 @@ def _suffix_mask(mask: torch.Tensor | None, q_len: int, s_len: int, device: torc
 
 
 def _attend_one_head(
-    query: torch.Tensor, prefix_keys: torch.Tensor, prefix_values: torch.Tensor,
-    suffix_keys: torch.Tensor, suffix_values: torch.Tensor, suffix_mask: torch.Tensor, scaling: float,
+    query: torch.Tensor,
+    prefix_keys: torch.Tensor,
+    prefix_values: torch.Tensor,
+    suffix_keys: torch.Tensor,
+    suffix_values: torch.Tensor,
+    suffix_mask: torch.Tensor,
+    scaling: float,
 ) -> torch.Tensor:
     """query [B, rows, D] of one GQA group over its own prefix [kept, D] and the suffix [B, S, D]."""
     prefix_scores = torch.matmul(query, prefix_keys.T) * scaling  # prefix broadcast over the batch
@@ -140,8 +145,15 @@ def ragged_attention(
         q_block = query[:, :, start:stop].reshape(batch, kv_heads, groups * (stop - start), dim)
         block_mask = mask[:, 0, start:stop].repeat(1, groups, 1)
         heads = [
-            _attend_one_head(q_block[:, h], prefix.keys[h], prefix.values[h], suffix_keys[:, h],
-                             suffix_values[:, h], block_mask, scaling)
+            _attend_one_head(
+                q_block[:, h],
+                prefix.keys[h],
+                prefix.values[h],
+                suffix_keys[:, h],
+                suffix_values[:, h],
+                block_mask,
+                scaling,
+            )
             for h in range(kv_heads)
         ]
         blocks.append(torch.stack(heads, dim=1).reshape(batch, q_heads, stop - start, dim))

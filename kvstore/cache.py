@@ -1,9 +1,9 @@
 """`CompressedCache`: a transformers Cache over a compressed, per-head ragged prefix.
 
 Each layer keeps one tensor per KV head, exactly as long as that head's kept tokens (no padding:
-memory in use is what was stored), and appends question/answer tokens after it. New tokens take positions from the ORIGINAL context
-length. `reset()` drops the appended tokens in O(1), so every question starts from the same
-compressed prefix and no prefill is repeated.
+memory in use is what was stored), and appends question/answer tokens after it. New tokens take
+positions from the ORIGINAL context length. `reset()` drops the appended tokens in O(1), so every
+question starts from the same compressed prefix and no prefill is repeated.
 """
 
 from __future__ import annotations

@@ -27,7 +27,10 @@ def _batch_inputs(question_ids: list[list[int]], pad_id: int, original_length: i
 
 @torch.inference_mode()
 def greedy_tokens(
-    loaded: LoadedModel, cache: CompressedCache, question_ids: list[list[int]], stop_ids: set[int],
+    loaded: LoadedModel,
+    cache: CompressedCache,
+    question_ids: list[list[int]],
+    stop_ids: set[int],
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row ([B]) until all rows stopped; the cache is reset afterwards."""
@@ -43,8 +46,14 @@ def greedy_tokens(
     cache.reset()
     try:
         for _ in range(max_new_tokens):
-            logits = loaded.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                  past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = loaded.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits
             next_ids = logits[:, -1].argmax(-1).masked_fill(done, pad_id)
             yield next_ids
             done |= torch.isin(next_ids, stops)

@@ -19,6 +19,7 @@ def prefill(
     cache = cache if cache is not None else DynamicCache(config=model.config)
     input_ids = input_ids.to(model.device)
     for start in range(0, input_ids.shape[1], chunk_size):
-        model(input_ids=input_ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
+        model(
+            input_ids=input_ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True, logits_to_keep=1
+        )
     return cache

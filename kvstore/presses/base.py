@@ -33,8 +33,10 @@ class ScoringInput:
 
     def zeros(self) -> Scores:
         """One zero score per (layer, kv head, document token), on the cache's device."""
-        return [layer.keys.new_zeros(layer.keys.shape[1], self.doc_length, dtype=torch.float32)
-                for layer in self.cache.layers]
+        return [
+            layer.keys.new_zeros(layer.keys.shape[1], self.doc_length, dtype=torch.float32)
+            for layer in self.cache.layers
+        ]
 
 
 @dataclass

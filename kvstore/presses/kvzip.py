@@ -35,7 +35,11 @@ class ChunkObserver:
     def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
         keys = key[0]
         reduced = torch.cat(
-            [keys[:, : self.prefix_length], keys[:, self.chunk_start : self.chunk_stop], keys[:, self.context_length :]],
+            [
+                keys[:, : self.prefix_length],
+                keys[:, self.chunk_start : self.chunk_stop],
+                keys[:, self.context_length :],
+            ],
             dim=1,
         )  # [Hkv, P + C + R, D]
         kv_heads, n_recon = keys.shape[0], keys.shape[1] - self.context_length
