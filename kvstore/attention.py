@@ -31,9 +31,15 @@ _MAX_SCORE_ELEMENTS = 1 << 26
 
 
 class AttentionObserver(Protocol):
-    """Receives each layer's post-RoPE queries and full keys during an observed forward pass."""
+    """Sees each layer's post-RoPE queries, keys and values during an observed forward pass.
 
-    def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None: ...
+    It may return the attention output ([B, q, Hq, D], causal over the keys' last q positions) when
+    it computes it anyway, so the same logits are not built twice; None lets SDPA compute it.
+    """
+
+    def observe(
+        self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+    ) -> torch.Tensor | None: ...
 
 
 @dataclass
@@ -171,15 +177,17 @@ def kvstore_attention(
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """The registered attention implementation (see module docstring)."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     observer = getattr(_local, "observer", None)
     if observer is not None:
-        observer.observe(module.layer_idx, query, key)
+        output = observer.observe(module.layer_idx, query, key, value, scale)
+        if output is not None:
+            return output, None
     prefix = _take_prefix(key)
     if prefix is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return ragged_attention(query, prefix, key, value, attention_mask, scale), None
 
 

@@ -18,7 +18,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
+    def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value, scaling) -> None:
         self.seen[layer_idx] = (query[0].clone(), key[0].clone())
 
 

@@ -22,8 +22,10 @@ def _dense_reference(query, prefix_keys, prefix_values, suffix_keys, suffix_valu
     keys = torch.cat([keys, suffix_keys.double()], dim=2).repeat_interleave(groups, dim=1)
     values = torch.cat([values, suffix_values.double()], dim=2).repeat_interleave(groups, dim=1)
     allowed = torch.cat(
-        [valid.repeat_interleave(groups, 0)[None, :, None, :].expand(batch, -1, q_len, -1),
-         suffix_mask.expand(batch, q_heads, q_len, -1)],
+        [
+            valid.repeat_interleave(groups, 0)[None, :, None, :].expand(batch, -1, q_len, -1),
+            suffix_mask.expand(batch, q_heads, q_len, -1),
+        ],
         dim=-1,
     )
     scores = (query.double() @ keys.transpose(-1, -2)) * scaling
@@ -55,11 +57,25 @@ def test_ragged_query_blocks_give_the_same_result(monkeypatch: pytest.MonkeyPatc
     import kvstore.attention as attention
 
     gen = torch.Generator().manual_seed(7)
-    prefix = RaggedPrefix([torch.randn(n, 8, generator=gen) for n in (5, 9)],
-                          [torch.randn(n, 8, generator=gen) for n in (5, 9)])
+    prefix = RaggedPrefix(
+        [torch.randn(n, 8, generator=gen) for n in (5, 9)], [torch.randn(n, 8, generator=gen) for n in (5, 9)]
+    )
     suffix_k, suffix_v = torch.randn(1, 2, 12, 8, generator=gen), torch.randn(1, 2, 12, 8, generator=gen)
     query = torch.randn(1, 4, 12, 8, generator=gen)
     whole = ragged_attention(query, prefix, suffix_k, suffix_v, None, 0.3)
     monkeypatch.setattr(attention, "_MAX_SCORE_ELEMENTS", 50)
     blocked = ragged_attention(query, prefix, suffix_k, suffix_v, None, 0.3)
     torch.testing.assert_close(blocked, whole)
+
+
+def test_fused_lse_attention_equals_math_path() -> None:
+    from kvstore.lse_attention import attention_with_lse, attention_with_lse_math
+    from kvstore.presses.kvzip import _causal_bias
+
+    gen = torch.Generator().manual_seed(3)
+    query, key, value = (torch.randn(1, 4, n, 16, generator=gen) for n in (10, 30, 30))
+    bias = _causal_bias(10, 30, torch.device("cpu"))
+    fused_out, fused_lse = attention_with_lse(query, key, value, bias, 0.25)
+    math_out, math_lse = attention_with_lse_math(query, key, value, bias, 0.25)
+    torch.testing.assert_close(fused_out, math_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_lse, math_lse, atol=1e-5, rtol=1e-5)

