@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
+from kvstore.attention import observing
 from kvstore.compressed import CompressedKV, CompressedLayer
 from kvstore.models import LoadedModel
 from kvstore.prefill import prefill
@@ -11,14 +14,16 @@ from kvstore.presses.base import ScorerPress, ScoringInput
 from kvstore.prompt import ChatFrame
 
 
-def prefill_context(loaded: LoadedModel, document: str) -> ScoringInput:
-    """Frame and prefill a document; the result is what presses score."""
+def prefill_context(loaded: LoadedModel, document: str, press: ScorerPress | None = None) -> ScoringInput:
+    """Frame and prefill a document (letting `press` watch if it wants); the result is what presses score."""
     frame = ChatFrame.for_tokenizer(loaded.tokenizer)
     input_ids = frame.context_ids(document)
     if input_ids.shape[1] == len(frame.head_ids):
         raise ValueError("the document is empty after tokenization")
-    cache = prefill(loaded.model, input_ids)
-    return ScoringInput(loaded, frame, cache, input_ids, len(frame.head_ids))
+    observer = press.watch_prefill(len(frame.head_ids), input_ids.shape[1]) if press is not None else None
+    with observing(observer) if observer is not None else nullcontext():
+        cache = prefill(loaded.model, input_ids)
+    return ScoringInput(loaded, frame, cache, input_ids, len(frame.head_ids), observer)
 
 
 def pack(run: ScoringInput, doc_keep: list[torch.Tensor]) -> CompressedKV:
@@ -31,5 +36,5 @@ def pack(run: ScoringInput, doc_keep: list[torch.Tensor]) -> CompressedKV:
 
 
 def compress(loaded: LoadedModel, document: str, press: ScorerPress) -> CompressedKV:
-    run = prefill_context(loaded, document)
+    run = prefill_context(loaded, document, press)
     return pack(run, press.keep_masks(run))

@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 from transformers import DynamicCache
 
+from kvstore.attention import AttentionObserver
 from kvstore.budget import Masks, Scores, select
 from kvstore.models import LoadedModel
 from kvstore.prompt import ChatFrame
@@ -22,6 +23,7 @@ class ScoringInput:
     cache: DynamicCache
     input_ids: torch.Tensor  # [1, T]
     prefix_length: int
+    prefill_observer: AttentionObserver | None = None  # what the press watched during prefill, if anything
 
     @property
     def length(self) -> int:
@@ -49,6 +51,10 @@ class ScorerPress:
 
     def score(self, run: ScoringInput) -> Scores:
         raise NotImplementedError
+
+    def watch_prefill(self, prefix_length: int, length: int) -> AttentionObserver | None:
+        """Presses that score from the prefill's own attention (H2O, SnapKV, TOVA) return an observer."""
+        return None
 
     def keep_masks(self, run: ScoringInput) -> Masks:
         if self.compression_ratio == 0.0:
