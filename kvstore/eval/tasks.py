@@ -70,6 +70,8 @@ _Built = tuple[str, str, list[str], dict[str, Any]]  # context, question, answer
 
 @dataclass(frozen=True)
 class TaskSpec:
+    """A registered task: its family and metric, and the builder of one sample."""
+
     name: str
     family: str
     metric: str
@@ -207,18 +209,19 @@ _FACTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 )
 
 
-def _qa(req: _Request, n_facts: int = 4) -> _Built:
-    """Facts of one kind about several people; the question asks about one of them."""
+def _qa(req: _Request) -> _Built:
+    """One fact of each kind, each about a different person; the question asks one of them."""
     rng = req.rng
-    fact, question, pool = rng.choice(_FACTS)
-    firsts, lasts = rng.sample(W.FACT_FIRST_NAMES, n_facts), rng.sample(W.FACT_LAST_NAMES, n_facts)
+    facts = rng.sample(_FACTS, len(_FACTS))
+    firsts, lasts = rng.sample(W.FACT_FIRST_NAMES, len(facts)), rng.sample(W.FACT_LAST_NAMES, len(facts))
     people = [f"{f} {last}" for f, last in zip(firsts, lasts, strict=True)]
-    values = rng.sample(pool, n_facts)
+    values = [rng.choice(pool) for _, _, pool in facts]
     needles = [
         Needle(fact.format(person=p, value=v, article=W.article(v)), d)
-        for p, v, d in zip(people, values, req.depths(n_facts), strict=True)
+        for (fact, _, _), p, v, d in zip(facts, people, values, req.depths(len(facts)), strict=True)
     ]
-    return req.context(needles), question.format(person=people[0]), [values[0]], {"person": people[0]}
+    question = facts[0][1].format(person=people[0])
+    return req.context(needles), question, [values[0]], {"person": people[0]}
 
 
 TASKS: dict[str, TaskSpec] = {

@@ -1,0 +1,30 @@
+"""Known failures become one clear line and exit code 1, never a traceback."""
+
+from __future__ import annotations
+
+import click
+
+from kvstore.blob import BlobError
+from kvstore.documents import DocumentError
+from kvstore.index import RedisIndexError
+from kvstore.models import ModelNotFoundError
+from kvstore.store import ContextNotFoundError
+
+USER_ERRORS: tuple[type[Exception], ...] = (
+    BlobError,
+    ContextNotFoundError,
+    DocumentError,
+    ModelNotFoundError,
+    RedisIndexError,
+    ValueError,
+)
+
+
+class FriendlyGroup(click.Group):
+    """A click group whose commands report USER_ERRORS as `Error: ...` instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as exc:
+            raise click.ClickException(str(exc)) from exc

@@ -1,0 +1,67 @@
+"""Document -> tokens -> (dedupe) -> prefill -> score -> compress -> store, one part at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvstore.compressor import compress
+from kvstore.documents import DocumentError, split_paragraphs
+from kvstore.index import ContextRecord
+from kvstore.models import LoadedModel
+from kvstore.presses.base import ScorerPress
+from kvstore.prompt import ChatFrame, encode
+from kvstore.store import ContextMeta, ContextStore, context_id, document_sha256
+
+# Room left in the model's window for the question and the answer.
+ANSWER_RESERVE_TOKENS = 512
+
+
+@dataclass
+class IngestedPart:
+    record: ContextRecord
+    created: bool  # False: an identical context was already stored (nothing recomputed)
+
+
+def max_document_tokens(loaded: LoadedModel) -> int:
+    """Longest document part that still leaves room for the template, a question and an answer."""
+    window = getattr(loaded.model.config, "max_position_embeddings", 8192)
+    frame = ChatFrame.for_tokenizer(loaded.tokenizer)
+    return max(64, window - len(frame.head_ids) - ANSWER_RESERVE_TOKENS)
+
+
+def ingest_text(
+    loaded: LoadedModel,
+    store: ContextStore,
+    text: str,
+    press: ScorerPress,
+    source: str = "",
+    quant: str | None = None,
+    blob_format: str | None = None,
+    max_tokens: int | None = None,
+) -> list[IngestedPart]:
+    """Store `text` as one context, or several linked parts when it exceeds the model's window."""
+    if not text.strip():
+        raise DocumentError(f"{source or 'text'}: the document is empty")
+    frame = ChatFrame.for_tokenizer(loaded.tokenizer)
+    limit = max_tokens or max_document_tokens(loaded)
+    parts = split_paragraphs(text, lambda t: len(encode(loaded.tokenizer, t)), limit)
+    doc_sha = document_sha256(text)
+    quant = quant or store.quant
+    results = []
+    for number, part in enumerate(parts):
+        meta = ContextMeta.for_model(
+            loaded,
+            press.params(),
+            source=source,
+            document_sha256=doc_sha,
+            document_id=doc_sha[:16],
+            part=number,
+            parts=len(parts),
+        )
+        existing = store.get(context_id(loaded.fingerprint, frame.context_ids(part), meta.press, quant))
+        if existing is not None:
+            results.append(IngestedPart(existing, False))
+            continue
+        record, created = store.put(compress(loaded, part, press), meta, quant=quant, blob_format=blob_format)
+        results.append(IngestedPart(record, created))
+    return results
