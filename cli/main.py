@@ -7,6 +7,7 @@ import transformers
 
 from cli.context_cmds import ask, gc, list_contexts, remove, show, stats
 from cli.errors import FriendlyGroup
+from cli.eval_cmd import evaluate_command
 from cli.ingest_cmd import ingest
 
 
@@ -29,5 +30,5 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-for command in (ingest, list_contexts, show, ask, remove, gc, stats):
+for command in (ingest, list_contexts, show, ask, remove, gc, stats, evaluate_command):
     main.add_command(command)

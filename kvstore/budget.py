@@ -1,4 +1,9 @@
-"""Scores -> keep masks. One global threshold across layers and heads, or a per-head uniform budget."""
+"""Scores -> keep masks.
+
+Budgets: one global threshold across layers and heads, a per-head uniform count, PyramidKV's
+per-layer pyramid, or KVCompose's composite tokens (equal counts per head, layer-adaptive). Every
+budget but "global" reduces to "head h of layer l keeps its top c[l, h] scores"; `keep_top` does that.
+"""
 
 from __future__ import annotations
 
@@ -33,12 +38,116 @@ def uniform_budget(scores: Scores, ratio: float) -> Masks:
     return masks
 
 
-BUDGETS: dict[str, Callable[[Scores, float], Masks]] = {"global": global_budget, "uniform": uniform_budget}
+def keep_top(layer_scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[heads, tokens] mask keeping each head's top `counts[h]` scores (stable: ties go to earlier tokens)."""
+    order = layer_scores.float().argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.arange(layer_scores.shape[-1], device=layer_scores.device)
+    wanted = ranks[None, :] < counts.to(layer_scores.device)[:, None]
+    return torch.zeros_like(layer_scores, dtype=torch.bool).scatter_(-1, order, wanted)
+
+
+def _largest_remainder(shares: torch.Tensor, total: int, cap: int) -> list[int]:
+    """Round non-negative real `shares` (each <= cap, summing to `total`) to integers with the same sum."""
+    counts = shares.floor().long().clamp(max=cap)
+    missing = total - int(counts.sum())
+    if missing > 0:
+        room = (shares - counts).masked_fill(counts >= cap, float("-inf"))
+        counts[room.argsort(descending=True, stable=True)[:missing]] += 1
+    return counts.tolist()
+
+
+def pyramid_counts(n_layers: int, tokens: int, kept: int, beta: float = 20.0) -> list[int]:
+    """Tokens kept per head in each layer: PyramidKV's arithmetic sequence, summing to `kept`.
+
+    Top layer k[m-1] = kept / (beta * m), bottom k[0] = 2 * kept / m - k[m-1], linear in between.
+    A layer cannot keep more than `tokens`: the overflow of capped layers is spread over the others
+    in proportion to their pyramid shares, so the sum stays exact.
+    """
+    if beta < 1.0:
+        raise ValueError(f"pyramid beta must be >= 1 (the top layer cannot outgrow the bottom), got {beta}")
+    if not 0 <= kept <= n_layers * tokens:
+        raise ValueError(f"cannot keep {kept} of {n_layers} x {tokens} tokens")
+    top = kept / (beta * n_layers)
+    bottom = 2.0 * kept / n_layers - top
+    if n_layers == 1:
+        shares = torch.full((1,), float(kept), dtype=torch.float64)
+    else:
+        shares = torch.linspace(bottom, top, n_layers, dtype=torch.float64)
+    capped = torch.zeros(n_layers, dtype=torch.bool)
+    while bool((shares > tokens + 1e-9).any()):
+        capped |= shares > tokens
+        excess = float((shares - tokens).clamp(min=0).sum())
+        shares = shares.clamp(max=tokens)
+        free = shares.masked_fill(capped, 0.0)
+        if float(free.sum()) <= 0.0:
+            break
+        shares = shares + excess * free / free.sum()
+    return _largest_remainder(shares, kept, tokens)
+
+
+def pyramid_budget(scores: Scores, ratio: float, beta: float = 20.0) -> Masks:
+    """Each head of layer l keeps its top pyramid_counts[l] tokens (lower layers keep more)."""
+    tokens = scores[0].shape[-1]
+    counts = pyramid_counts(len(scores), tokens, kept_count(len(scores) * tokens, ratio), beta)
+    return [keep_top(s, torch.full((s.shape[0],), n)) for s, n in zip(scores, counts, strict=True)]
+
+
+def composite_counts(scores: Scores, kept: int) -> list[int]:
+    """Composite tokens kept per layer, `kept` in all: KVCompose's layer-adaptive global allocation.
+
+    Composite token j of a layer is made of every head's j-th best token; its importance is the mean
+    over heads of those j-th best scores (non-increasing in j). The `kept` most important composites
+    across all layers are kept, so each layer keeps a prefix of its composites.
+    """
+    importance = torch.stack([s.float().sort(dim=-1, descending=True).values.mean(dim=0) for s in scores])
+    chosen = importance.flatten().argsort(descending=True, stable=True)[:kept]
+    return torch.bincount(chosen // importance.shape[1], minlength=len(scores)).tolist()
+
+
+def composite_budget(scores: Scores, ratio: float) -> Masks:
+    """Every head of layer l keeps its own top n_l tokens: a plain per-layer tensor of n_l aligned slots."""
+    counts = composite_counts(scores, kept_count(len(scores) * scores[0].shape[-1], ratio))
+    return [keep_top(s, torch.full((s.shape[0],), n)) for s, n in zip(scores, counts, strict=True)]
+
+
+BUDGETS: dict[str, Callable[[Scores, float], Masks]] = {
+    "global": global_budget,
+    "uniform": uniform_budget,
+    "pyramid": pyramid_budget,
+    "composite": composite_budget,
+}
+# Budgets that can select among the survivors of an earlier stage (the others impose their own structure).
+SURVIVOR_BUDGETS = ("global", "uniform")
+
+
+def _check_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"compression ratio must be in [0, 1), got {ratio}")
 
 
 def select(scores: Scores, ratio: float, budget: str = "global") -> Masks:
     if budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}: choose one of {', '.join(BUDGETS)}")
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"compression ratio must be in [0, 1), got {ratio}")
+    _check_ratio(ratio)
     return BUDGETS[budget](scores, ratio)
+
+
+def select_among(scores: Scores, ratio: float, budget: str, alive: Masks) -> Masks:
+    """Remove `ratio` of the pairs still `alive` (globally, or of each head's survivors), keep the rest.
+
+    This is what a later stage of a press chain does: the kept fraction multiplies.
+    """
+    if budget not in SURVIVOR_BUDGETS:
+        raise ValueError(f"budget {budget!r} cannot select among survivors: use one of {', '.join(SURVIVOR_BUDGETS)}")
+    _check_ratio(ratio)
+    floor = torch.finfo(torch.float32).min  # alive pairs outrank dead ones even when scored -inf
+    masked = [
+        torch.where(a, s.float().nan_to_num(neginf=floor), float("-inf")) for s, a in zip(scores, alive, strict=True)
+    ]
+    if budget == "uniform":
+        counts = [torch.tensor([kept_count(int(n), ratio) for n in a.sum(-1)]) for a in alive]
+        return [keep_top(s, c) for s, c in zip(masked, counts, strict=True)]
+    flat = torch.cat([s.flatten() for s in masked])
+    keep_flat = torch.zeros_like(flat, dtype=torch.bool)
+    keep_flat[flat.topk(kept_count(int(sum(int(a.sum()) for a in alive)), ratio)).indices] = True
+    return [part.view_as(s) for part, s in zip(keep_flat.split([s.numel() for s in scores]), scores, strict=True)]

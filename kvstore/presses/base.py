@@ -59,7 +59,14 @@ class ScorerPress:
     def keep_masks(self, run: ScoringInput) -> Masks:
         if self.compression_ratio == 0.0:
             return [torch.ones_like(s, dtype=torch.bool) for s in run.zeros()]
-        return select(self.score(run), self.compression_ratio, self.budget)
+        return self.masks_from_scores(self.score(run), run)
+
+    def masks_from_scores(self, scores: Scores, run: ScoringInput) -> Masks:
+        """Scores -> keep masks under this ratio and budget; a press with its own budget rule overrides this.
+
+        Kept separate from `score` so one scoring pass can serve several ratios (see kvstore.eval).
+        """
+        return select(scores, self.compression_ratio, self.budget)
 
     def params(self) -> dict[str, object]:
         """Everything that changes the output: part of the content-addressed id and the blob header."""

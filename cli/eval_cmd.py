@@ -1,0 +1,163 @@
+"""`kvstore eval`: accuracy vs compression ratio on synthetic RULER-style tasks, for your model."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from kvstore.config import Settings
+from kvstore.eval.haystack import tokenizer_counter
+from kvstore.eval.report import plot_accuracy, summarize, write_results
+from kvstore.eval.runner import CaseResult, evaluate
+from kvstore.eval.tasks import TASKS, make_suite
+from kvstore.models import load_model
+from kvstore.presses import PRESSES
+from kvstore.quant import QUANT_BITS
+from kvstore.store import ContextStore
+
+console = Console()
+
+
+def _floats(ctx: click.Context, param: click.Parameter, value: str) -> list[float]:
+    try:
+        numbers = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+    if any(not 0.0 <= r < 1.0 for r in numbers) and param.name == "ratios":
+        raise click.BadParameter("ratios must be in [0, 1)")
+    return numbers
+
+
+def _names(choices: list[str]) -> Callable[[click.Context, click.Parameter, str], list[str]]:
+    """A click callback accepting a comma-separated subset of `choices`."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+        names = [v.strip() for v in value.split(",") if v.strip()]
+        unknown = [n for n in names if n not in choices]
+        if unknown:
+            raise click.BadParameter(f"unknown {', '.join(unknown)}; choose from {', '.join(choices)}")
+        return names
+
+    return parse
+
+
+@click.command("eval")
+@click.option("--model", "-m", default=None, help="Model to evaluate (default: KVSTORE_MODEL or smollm2-135m).")
+@click.option(
+    "--press",
+    "presses",
+    default="kvzip,streaming",
+    show_default=True,
+    callback=_names(sorted(PRESSES)),
+    help="Comma-separated presses.",
+)
+@click.option(
+    "--ratio",
+    "ratios",
+    default="0.5,0.75,0.9",
+    show_default=True,
+    callback=_floats,
+    help="Comma-separated compression ratios (fraction of KV pairs removed).",
+)
+@click.option(
+    "--tasks", default=",".join(TASKS), show_default=True, callback=_names(list(TASKS)), help="Comma-separated tasks."
+)
+@click.option("--n", "n", default=10, show_default=True, type=click.IntRange(1), help="Samples per task.")
+@click.option(
+    "--context-tokens",
+    default="1000,2000",
+    show_default=True,
+    callback=_floats,
+    help="Comma-separated context lengths in tokens.",
+)
+@click.option(
+    "--haystack",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Folder of .txt files for filler text (default: generated text).",
+)
+@click.option("--quant", default="none", show_default=True, type=click.Choice(sorted(QUANT_BITS)))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where results.json, summary.csv and plots go (default results/eval-<time>).",
+)
+def evaluate_command(
+    model: str | None,
+    presses: list[str],
+    ratios: list[float],
+    tasks: list[str],
+    n: int,
+    context_tokens: list[float],
+    haystack: str | None,
+    quant: str,
+    seed: int,
+    max_new_tokens: int,
+    out: str | None,
+) -> None:
+    """Measure accuracy vs compression ratio on synthetic tasks, question-agnostic.
+
+    Every context is compressed, stored and loaded back before its question is asked. The full
+    cache is always measured as the reference. Writes results.json, summary.csv and one PNG per
+    task family (retrieval, aggregation).
+
+    \b
+    Example:
+        kvstore eval --press kvzip,streaming --ratio 0.5,0.75,0.9 --tasks niah_single --n 20 \\
+            --context-tokens 1500 --haystack ../shared/data/haystack
+    """
+    settings = Settings().with_overrides(model=model)
+    loaded = load_model(settings.model, settings)
+    count = tokenizer_counter(loaded.tokenizer)
+    samples = [s for length in context_tokens for s in make_suite(tasks, n, int(length), seed, haystack, count)]
+    out_dir = Path(out or f"results/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    runs = len(samples) * (1 + len(presses) * len([r for r in ratios if r > 0]))
+    with (
+        tempfile.TemporaryDirectory(prefix="kvstore-eval-") as home,
+        ContextStore.open(Settings(home=Path(home), redis_url=None)) as store,
+        Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as progress,
+    ):
+        bar = progress.add_task("evaluating", total=runs)
+        results = evaluate(
+            loaded,
+            samples,
+            presses,
+            ratios,
+            store,
+            quant,
+            max_new_tokens,
+            on_result=lambda r: progress.update(bar, advance=1, description=f"{r.task} {r.method}"),
+        )
+    files = write_results(results, out_dir) + plot_accuracy(results, out_dir)
+    console.print(_table(results))
+    console.print("wrote " + ", ".join(str(f) for f in files))
+
+
+def _table(results: list[CaseResult]) -> Table:
+    table = Table(title="accuracy by task")
+    for column in ("task", "method", "ratio", "accuracy", "cases", "removed", "bytes/token", "score/prefill"):
+        table.add_column(column)
+    for row in summarize(results):
+        table.add_row(
+            row.group,
+            row.method,
+            f"{row.ratio:.2f}",
+            f"{row.accuracy:.2f}",
+            str(row.cases),
+            f"{row.achieved_ratio:.1%}",
+            f"{row.bytes_per_token:,.0f}",
+            f"{row.score_over_prefill:.2f}x" if row.score_over_prefill else "-",
+        )
+    return table

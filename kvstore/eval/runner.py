@@ -1,0 +1,143 @@
+"""Run samples through compress -> store -> load -> ask, for several presses and ratios.
+
+The protocol is question-agnostic: each context is compressed, written to the store and loaded
+back before its question is seen, exactly as a user of the store experiences it. One scoring pass
+per (sample, press) serves every ratio, and the full cache is always measured as the reference.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from kvstore.cache import CompressedCache
+from kvstore.compressor import pack, prefill_context
+from kvstore.decode import answer_many
+from kvstore.eval.tasks import Sample
+from kvstore.index import ContextRecord
+from kvstore.models import LoadedModel
+from kvstore.presses import make_press
+from kvstore.presses.base import ScoringInput
+from kvstore.store import ContextMeta, ContextStore
+
+FULL = "full"
+
+
+@dataclass
+class CaseResult:
+    """One (sample, press, ratio) outcome; `method` is "full" for the uncompressed reference."""
+
+    sample_id: str
+    task: str
+    family: str
+    method: str
+    ratio: float
+    quant: str
+    score: float
+    answer: str
+    expected: list[str]
+    context_tokens: int
+    achieved_ratio: float
+    stored_bytes: int
+    full_bytes: int
+    prefill_s: float
+    score_s: float
+    answer_s: float
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class _Scored:
+    """A prefilled sample with one press's scores, ready to be cut at any ratio."""
+
+    run: ScoringInput
+    scores: list[torch.Tensor] | None
+    prefill_s: float
+    score_s: float
+
+
+def _score_once(loaded: LoadedModel, sample: Sample, press_name: str, ratio: float) -> _Scored:
+    press = make_press(press_name, ratio)
+    start = time.perf_counter()
+    run = prefill_context(loaded, sample.context, press)
+    prefill_s = time.perf_counter() - start
+    if ratio == 0.0:
+        return _Scored(run, None, prefill_s, 0.0)
+    start = time.perf_counter()
+    scores = press.score(run)
+    return _Scored(run, scores, prefill_s, time.perf_counter() - start)
+
+
+def _ask_stored(
+    loaded: LoadedModel,
+    store: ContextStore,
+    sample: Sample,
+    scored: _Scored,
+    press_name: str,
+    ratio: float,
+    quant: str,
+    max_new_tokens: int,
+) -> tuple[str, float, ContextRecord]:
+    """Cut at `ratio`, store, load back, then (only then) ask: (answer, seconds, stored record)."""
+    press = make_press(press_name, ratio)
+    if scored.scores is None:
+        masks = press.keep_masks(scored.run)
+    else:
+        masks = press.masks_from_scores(scored.scores, scored.run)
+    record, _ = store.put(
+        pack(scored.run, masks), ContextMeta.for_model(loaded, press.params(), source=sample.id), quant=quant
+    )
+    cache = CompressedCache(store.load(record.id, model_fingerprint=loaded.fingerprint), device=loaded.device)
+    start = time.perf_counter()
+    answer = answer_many(loaded, cache, [sample.question], max_new_tokens)[0]
+    return answer, time.perf_counter() - start, record
+
+
+def evaluate(
+    loaded: LoadedModel,
+    samples: Sequence[Sample],
+    presses: Sequence[str],
+    ratios: Sequence[float],
+    store: ContextStore,
+    quant: str = "none",
+    max_new_tokens: int = 32,
+    on_result: Callable[[CaseResult], None] | None = None,
+) -> list[CaseResult]:
+    """Every sample under the full cache and under each press at each ratio."""
+    compressed_ratios = [r for r in ratios if r > 0.0]
+    plan = [(FULL, "none", [0.0])] + [(name, name, compressed_ratios) for name in presses if compressed_ratios]
+    results = []
+    for sample in samples:
+        for label, press_name, press_ratios in plan:
+            scored = _score_once(loaded, sample, press_name, press_ratios[0])
+            for ratio in press_ratios:
+                answer, answer_s, record = _ask_stored(
+                    loaded, store, sample, scored, press_name, ratio, quant, max_new_tokens
+                )
+                result = CaseResult(
+                    sample.id,
+                    sample.task,
+                    sample.family,
+                    label,
+                    ratio,
+                    quant,
+                    sample.score(answer),
+                    answer,
+                    list(sample.answers),
+                    scored.run.length,
+                    record.ratio_achieved,
+                    record.bytes,
+                    record.full_bytes,
+                    scored.prefill_s,
+                    scored.score_s,
+                    answer_s,
+                )
+                results.append(result)
+                if on_result is not None:
+                    on_result(result)
+    return results

@@ -1,0 +1,35 @@
+"""PyramidKV: SnapKV's scores under a pyramid of per-layer budgets (lower layers keep more).
+
+With m layers and k_total tokens kept per head over all layers: the top layer keeps
+k_total / (beta * m), the bottom 2 * k_total / m minus that, and the layers in between follow the
+arithmetic sequence (see `kvstore.budget.pyramid_counts`). Every head of a layer keeps the same count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvstore.budget import Masks, pyramid_budget
+from kvstore.presses.base import ScoringInput
+from kvstore.presses.snapkv import SnapKVPress
+
+
+@dataclass
+class PyramidKVPress(SnapKVPress):
+    name = "pyramidkv"
+    budget: str = "pyramid"
+    beta: float = 20.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.budget != "pyramid":
+            raise ValueError("pyramidkv always uses the pyramid budget (use snapkv for other budgets)")
+        if self.beta < 1.0:
+            raise ValueError(f"pyramidkv beta must be >= 1, got {self.beta}")
+
+    def keep_masks(self, run: ScoringInput) -> Masks:
+        if self.compression_ratio == 0.0:
+            return [torch.ones_like(s, dtype=torch.bool) for s in run.zeros()]
+        return pyramid_budget(self.score(run), self.compression_ratio, self.beta)
