@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 from kvstore.presses.base import ScorerPress, ScoringInput
+from kvstore.presses.h2o import H2OPress
+from kvstore.presses.kvcompose import KVComposePress
 from kvstore.presses.kvzip import KVzipPress
+from kvstore.presses.kvzip_head import KVzipHeadPress
 from kvstore.presses.noop import NoPress
+from kvstore.presses.pyramidkv import PyramidKVPress
+from kvstore.presses.snapkv import SnapKVPress
 from kvstore.presses.streaming import StreamingLLMPress
+from kvstore.presses.tova import TOVAPress
 
-PRESSES: dict[str, type[ScorerPress]] = {cls.name: cls for cls in (KVzipPress, StreamingLLMPress, NoPress)}
+PRESSES: dict[str, type[ScorerPress]] = {
+    cls.name: cls
+    for cls in (
+        KVzipPress,
+        StreamingLLMPress,
+        NoPress,
+        H2OPress,
+        SnapKVPress,
+        TOVAPress,
+        PyramidKVPress,
+        KVComposePress,
+        KVzipHeadPress,
+    )
+}
 
 
 def make_press(name: str, ratio: float, **params: object) -> ScorerPress:
@@ -21,4 +40,24 @@ def make_press(name: str, ratio: float, **params: object) -> ScorerPress:
     return PRESSES[name](compression_ratio=ratio, **params)
 
 
-__all__ = ["PRESSES", "KVzipPress", "NoPress", "ScorerPress", "ScoringInput", "StreamingLLMPress", "make_press"]
+from kvstore.presses.chain import PressChain  # noqa: E402  (needs the registry above)
+from kvstore.presses.spec import parse_press_spec, press_spec  # noqa: E402
+
+__all__ = [
+    "PRESSES",
+    "H2OPress",
+    "KVComposePress",
+    "KVzipHeadPress",
+    "KVzipPress",
+    "NoPress",
+    "PressChain",
+    "PyramidKVPress",
+    "ScorerPress",
+    "ScoringInput",
+    "SnapKVPress",
+    "StreamingLLMPress",
+    "TOVAPress",
+    "make_press",
+    "parse_press_spec",
+    "press_spec",
+]

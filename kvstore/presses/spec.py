@@ -1,0 +1,56 @@
+"""Press specs, as typed on the command line: "kvzip:0.75" or "kvzip:0.75+streaming:0.5".
+
+A spec is stages joined by "+", each `name:ratio` with ratio in [0, 1) = fraction of the pairs
+still present that the stage removes. One stage gives that press, several a `PressChain`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from kvstore.presses import PRESSES, make_press
+from kvstore.presses.base import ScorerPress
+from kvstore.presses.chain import PressChain
+
+
+def _parse_ratio(text: str, name: str) -> float:
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise ValueError(f"bad ratio {text!r} for press {name!r}: expected a number in [0, 1)") from None
+    if math.isnan(ratio) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"bad ratio {text!r} for press {name!r}: it is the fraction removed, in [0, 1)")
+    return ratio
+
+
+def _parse_stage(text: str, spec: str, default_ratio: float | None) -> ScorerPress:
+    name, colon, ratio_text = (part.strip() for part in text.partition(":"))
+    if not name:
+        raise ValueError(f"empty press name in spec {spec!r}: write stages as name:ratio joined by '+'")
+    name = name.lower()
+    if name not in PRESSES:
+        raise ValueError(f"unknown press {name!r} in spec {spec!r}: choose one of {', '.join(sorted(PRESSES))}")
+    if colon:
+        ratio = _parse_ratio(ratio_text, name)
+    elif name == "none":
+        ratio = 0.0
+    elif default_ratio is not None:
+        ratio = _parse_ratio(str(default_ratio), name)
+    else:
+        raise ValueError(f"press {name!r} in spec {spec!r} needs a ratio: write {name}:0.5")
+    return make_press(name, ratio)
+
+
+def parse_press_spec(spec: str, default_ratio: float | None = None) -> ScorerPress:
+    """Build the press a spec names; a stage without ":ratio" takes `default_ratio` (if given)."""
+    if not spec or not spec.strip():
+        raise ValueError("empty press spec: expected e.g. 'kvzip:0.75' or 'kvzip:0.75+streaming:0.5'")
+    stages = [_parse_stage(text.strip(), spec, default_ratio) for text in spec.split("+")]
+    return stages[0] if len(stages) == 1 else PressChain(stages=tuple(stages))
+
+
+def press_spec(press: ScorerPress) -> str:
+    """The spec string of a press or chain (inverse of `parse_press_spec` for default parameters)."""
+    if isinstance(press, PressChain):
+        return "+".join(press_spec(stage) for stage in press.stages)
+    return f"{press.name}:{press.compression_ratio:g}"

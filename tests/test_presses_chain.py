@@ -1,0 +1,129 @@
+"""Press chains (the kept fraction multiplies) and the press spec parser."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvstore.budget import kept_count, select_among
+from kvstore.compressor import compress, prefill_context
+from kvstore.presses import (
+    H2OPress,
+    KVzipPress,
+    NoPress,
+    PressChain,
+    PyramidKVPress,
+    SnapKVPress,
+    StreamingLLMPress,
+    parse_press_spec,
+    press_spec,
+)
+from kvstore.presses import received as received_module
+from kvstore.presses.chain import FanOut
+from tests.tiny import sample_text, tiny_model
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return tiny_model("llama", seed=5)
+
+
+def _doc_pairs(masks) -> int:
+    return sum(int(m.sum()) for m in masks)
+
+
+def test_select_among_only_keeps_survivors() -> None:
+    scores = [torch.tensor([[9.0, 8.0, 1.0, 2.0], [7.0, 0.0, 3.0, 4.0]])]
+    alive = [torch.tensor([[False, True, True, True], [False, False, True, True]])]
+    kept = select_among(scores, 0.5, "global", alive)  # 5 alive -> keep 2 (round(2.5) = 2)
+    assert kept[0].tolist() == [[False, True, False, False], [False, False, False, True]]
+    per_head = select_among(scores, 0.5, "uniform", alive)  # 3 alive -> 2, 2 alive -> 1
+    assert per_head[0].tolist() == [[False, True, False, True], [False, False, False, True]]
+    with pytest.raises(ValueError, match="survivors"):
+        select_among(scores, 0.5, "pyramid", alive)
+
+
+def test_chain_kept_fraction_is_the_product(loaded) -> None:
+    run = prefill_context(loaded, sample_text(160, seed=1))
+    first = KVzipPress(compression_ratio=0.5)
+    chain = PressChain(stages=(first, H2OPress(compression_ratio=0.5, budget="global")))
+    assert chain.compression_ratio == 0.75
+    masks = chain.keep_masks(run)
+    total = sum(m.numel() for m in masks)
+    assert _doc_pairs(masks) == kept_count(kept_count(total, 0.5), 0.5)
+    assert abs(_doc_pairs(masks) / total - 0.25) < 2 / total
+    alive = first.keep_masks(run)
+    assert all(bool((m <= a).all()) for m, a in zip(masks, alive, strict=True))  # only survivors are kept
+    per_head = PressChain(stages=(first, StreamingLLMPress(compression_ratio=0.5))).keep_masks(run)
+    for mask, survivors in zip(per_head, alive, strict=True):
+        assert mask.sum(-1).tolist() == [kept_count(int(n), 0.5) for n in survivors.sum(-1)]
+
+
+def test_chain_of_observer_presses_shares_one_prefill(loaded, monkeypatch) -> None:
+    chain = parse_press_spec("h2o:0.5+snapkv:0.5")
+    run = prefill_context(loaded, sample_text(120, seed=2), chain)
+    assert isinstance(run.prefill_observer, FanOut) and len(run.prefill_observer.observers) == 2
+
+    def no_replay(*args, **kwargs):
+        raise AssertionError("the stages should use what they watched during the prefill")
+
+    monkeypatch.setattr(received_module, "prefill", no_replay)
+    masks = chain.keep_masks(run)
+    assert _doc_pairs(masks) == sum(
+        kept_count(kept_count(run.doc_length, 0.5), 0.5) * m.shape[0] for m in masks
+    )  # uniform stages: per head (1 - r1)(1 - r2), with each stage's rounding
+
+
+def test_chain_compresses_and_records_its_stages(loaded) -> None:
+    chain = parse_press_spec("kvzip:0.75+streaming:0.5")
+    compressed = compress(loaded, sample_text(120, seed=3), chain)
+    layers, heads = len(compressed.layers), compressed.kv_heads
+    doc_total = (compressed.original_length - compressed.prefix_length) * layers * heads
+    kept_doc = compressed.kept_pairs - compressed.prefix_length * layers * heads
+    assert abs(kept_doc / doc_total - 0.125) < 0.02
+    params = json.loads(json.dumps(chain.params()))
+    assert params["press"] == "chain" and params["compression_ratio"] == 0.875
+    assert [s["press"] for s in params["stages"]] == ["kvzip", "streaming"]
+    assert press_spec(chain) == "kvzip:0.75+streaming:0.5"
+
+
+def test_chain_rejects_structured_later_stages_but_skips_empty_ones() -> None:
+    with pytest.raises(ValueError, match="put it first"):
+        PressChain(stages=(KVzipPress(compression_ratio=0.5), PyramidKVPress(compression_ratio=0.5)))
+    chain = PressChain(stages=(NoPress(), PyramidKVPress(compression_ratio=0.5)))
+    assert chain.compression_ratio == 0.5
+    with pytest.raises(ValueError, match="at least one"):
+        PressChain(stages=())
+
+
+def test_spec_parser_builds_presses_and_chains() -> None:
+    single = parse_press_spec("kvzip:0.75")
+    assert isinstance(single, KVzipPress) and single.compression_ratio == 0.75
+    chain = parse_press_spec(" SnapKV:0.5 + streaming:0.25 ")
+    assert isinstance(chain, PressChain)
+    assert [type(s) for s in chain.stages] == [SnapKVPress, StreamingLLMPress]
+    assert chain.compression_ratio == pytest.approx(1 - 0.5 * 0.75)
+    assert isinstance(parse_press_spec("kvzip:0"), NoPress) and isinstance(parse_press_spec("none"), NoPress)
+    assert parse_press_spec("tova", default_ratio=0.5).compression_ratio == 0.5
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("foo:0.5", "unknown press 'foo'"),
+        ("kvzip:1.0", "bad ratio '1.0'"),
+        ("kvzip:-0.1", "bad ratio '-0.1'"),
+        ("kvzip:abc", "bad ratio 'abc'"),
+        ("kvzip:nan", "bad ratio 'nan'"),
+        ("kvzip", "needs a ratio"),
+        ("kvzip:0.5+", "empty press name"),
+        ("", "empty press spec"),
+        ("none:0.5", "keeps everything"),
+        ("kvzip:0.5+pyramidkv:0.5", "put it first"),
+    ],
+)
+def test_spec_parser_errors(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_press_spec(spec)
