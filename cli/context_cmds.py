@@ -5,13 +5,13 @@ from __future__ import annotations
 import datetime as dt
 
 import click
-from rich.console import Console
 from rich.table import Table
 
+from cli.console import make_console
 from cli.options import open_client, store_options
 from kvstore.index import ContextRecord
 
-console = Console()
+console = make_console()
 
 
 def _size(n: float) -> str:
@@ -20,6 +20,11 @@ def _size(n: float) -> str:
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def _short(source: str, width: int = 40) -> str:
+    """Keep the end of long paths: the file name is what people recognise."""
+    return source if len(source) <= width else "…" + source[-(width - 1) :]
 
 
 def _when(epoch: float) -> str:
@@ -44,7 +49,7 @@ def list_contexts(limit: int, home: str | None, redis_url: str | None) -> None:
     for r in records:
         table.add_row(
             r.id[:12],
-            r.source or "-",
+            _short(r.source) or "-",
             f"{r.part + 1}/{r.parts}",
             f"{r.original_length:,}",
             r.press.get("press", "?"),

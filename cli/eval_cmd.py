@@ -8,10 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli.console import make_console
 from kvstore.config import Settings
 from kvstore.eval.haystack import tokenizer_counter
 from kvstore.eval.report import plot_accuracy, summarize, write_results
@@ -22,7 +22,7 @@ from kvstore.presses import PRESSES
 from kvstore.quant import QUANT_BITS
 from kvstore.store import ContextStore
 
-console = Console()
+console = make_console()
 
 
 def _floats(ctx: click.Context, param: click.Parameter, value: str) -> list[float]:

@@ -38,7 +38,12 @@ def compression_options(func: F) -> F:
     options = [
         click.option("--model", "-m", default=None, help="Model: smollm2-135m (default), a local dir or an HF id."),
         click.option(
-            "--press", "-p", default=None, type=click.Choice(sorted(PRESSES)), help="Scoring policy (default kvzip)."
+            "--press",
+            "-p",
+            default=None,
+            metavar="SPEC",
+            help="Press or chain, e.g. kvzip, kvzip:0.75, kvzip:0.75+streaming:0.5 (default kvzip). "
+            f"Presses: {', '.join(sorted(PRESSES))}.",
         ),
         click.option(
             "--ratio",

@@ -23,7 +23,7 @@ from kvstore.documents import discover, read_document
 from kvstore.index import ContextRecord
 from kvstore.ingest import IngestedPart, ingest_text
 from kvstore.models import LoadedModel, load_model
-from kvstore.presses import make_press
+from kvstore.presses import parse_press_spec
 from kvstore.presses.base import ScorerPress
 from kvstore.store import ContextNotFoundError, ContextStore, document_sha256
 
@@ -77,8 +77,9 @@ class KVStore:
             self._models[name] = load_model(name, self.settings)
         return self._models[name]
 
-    def press(self, name: str | None = None, ratio: float | None = None) -> ScorerPress:
-        return make_press(name or self.settings.press, self.settings.ratio if ratio is None else ratio)
+    def press(self, spec: str | None = None, ratio: float | None = None) -> ScorerPress:
+        """A press from a spec ("kvzip", "kvzip:0.75", "kvzip:0.75+streaming:0.5"); bare names take `ratio`."""
+        return parse_press_spec(spec or self.settings.press, self.settings.ratio if ratio is None else ratio)
 
     # -- ingest -----------------------------------------------------------------------------------
 

@@ -1,0 +1,117 @@
+"""The `kvstore` CLI as a user drives it, on the embedded defaults and the real default model."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from cli.main import main
+from kvstore.store import ContextStore
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "docs"
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def stored_ids() -> list[str]:
+    with ContextStore.open() as store:
+        return [record.id for record in store.list()]
+
+
+def blob_files(home: Path) -> list[Path]:
+    return [p for p in (home / "blobs").rglob("*") if p.is_file()] if (home / "blobs").exists() else []
+
+
+@pytest.mark.model
+def test_ingest_list_ask_reingest_remove_gc(store_home: Path, tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    shutil.copytree(EXAMPLES, docs)
+
+    ingested = run("ingest", str(docs), "--ratio", "0.5")
+    assert ingested.exit_code == 0, ingested.output
+    assert len(stored_ids()) == 4
+
+    listing = run("ls")
+    assert listing.exit_code == 0 and "lighthouse.md" in listing.output and "4 contexts" in listing.output
+
+    answer = run("ask", str(docs / "lighthouse.md"), "What color is the lighthouse door?")
+    assert answer.exit_code == 0 and "green" in answer.output.lower(), answer.output
+
+    again = run("ingest", str(docs), "--ratio", "0.5")
+    assert again.exit_code == 0 and len(stored_ids()) == 4
+    assert "skipped (duplicates) │ 4" in again.output
+
+    shown = run("show", str(docs / "bakery.txt"))
+    assert shown.exit_code == 0 and "kept" in shown.output and "smaller" in shown.output
+
+    removed = run("rm", str(docs / "bakery.txt"))
+    assert removed.exit_code == 0 and len(stored_ids()) == 3
+    assert len(blob_files(store_home)) == 3
+
+    (store_home / "blobs" / "zz").mkdir()
+    (store_home / "blobs" / "zz" / ("f" * 64 + ".safetensors")).write_bytes(b"orphan")
+    collected = run("gc", "--grace", "0")
+    assert collected.exit_code == 0 and "orphan blobs: 1" in collected.output
+    assert len(blob_files(store_home)) == 3 and len(stored_ids()) == 3
+
+    stats = run("stats")
+    assert stats.exit_code == 0 and "contexts: 3" in stats.output
+
+
+def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n\n")
+    binary = tmp_path / "image.txt"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    latin = tmp_path / "latin.md"
+    latin.write_bytes("caf\u00e9 cr\u00e8me br\u00fbl\u00e9e".encode("latin-1"))
+    return {
+        "empty": (empty, "empty"),
+        "binary": (binary, "binary"),
+        "undecodable": (latin, "not valid UTF-8"),
+        "missing": (tmp_path / "nope.txt", "no such file or directory"),
+    }
+
+
+@pytest.mark.parametrize("case", ["empty", "binary", "undecodable", "missing"])
+def test_bad_documents_fail_clearly_and_store_nothing(case: str, store_home: Path, tmp_path: Path) -> None:
+    path, message = _bad_files(tmp_path)[case]
+    result = CliRunner().invoke(main, ["ingest", str(path)])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert stored_ids() == [] and blob_files(store_home) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--ratio", "1.0"], "0.0<=x<1.0"),
+        (["--ratio", "-0.1"], "0.0<=x<1.0"),
+        (["--press", "zip:0.5"], "unknown press 'zip'"),
+        (["--redis-url", "redis://127.0.0.1:1"], "cannot reach Redis"),
+    ],
+)
+def test_bad_settings_fail_clearly_and_store_nothing(args: list[str], message: str, store_home: Path) -> None:
+    result = CliRunner().invoke(main, ["ingest", str(EXAMPLES / "bakery.txt"), *args])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+    assert stored_ids() == [] and blob_files(store_home) == []
+
+
+def test_ask_unknown_context_is_a_clear_error(store_home: Path) -> None:
+    result = CliRunner().invoke(main, ["ask", "deadbeefcafe", "anything?"])
+    assert result.exit_code == 1 and "no stored context for 'deadbeefcafe'" in result.output
+
+
+def test_every_command_has_help_with_an_example() -> None:
+    for command in main.commands:
+        result = run(command, "--help")
+        assert result.exit_code == 0 and "Example" in result.output, command
