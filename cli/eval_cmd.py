@@ -25,7 +25,7 @@ from kvstore.store import ContextStore
 console = make_console()
 
 
-def _floats(ctx: click.Context, param: click.Parameter, value: str) -> list[float]:
+def parse_numbers(ctx: click.Context, param: click.Parameter, value: str) -> list[float]:
     try:
         numbers = [float(v) for v in value.split(",") if v.strip()]
     except ValueError:
@@ -63,7 +63,7 @@ def _names(choices: list[str]) -> Callable[[click.Context, click.Parameter, str]
     "ratios",
     default="0.5,0.75,0.9",
     show_default=True,
-    callback=_floats,
+    callback=parse_numbers,
     help="Comma-separated compression ratios (fraction of KV pairs removed).",
 )
 @click.option(
@@ -74,7 +74,7 @@ def _names(choices: list[str]) -> Callable[[click.Context, click.Parameter, str]
     "--context-tokens",
     default="1000,2000",
     show_default=True,
-    callback=_floats,
+    callback=parse_numbers,
     help="Comma-separated context lengths in tokens.",
 )
 @click.option(

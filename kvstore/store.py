@@ -40,7 +40,7 @@ from kvstore.blob import (
     BlobMissingError,
     blob_size,
     format_for_path,
-    fsync_path,
+    fsync_dir,
     get_format,
 )
 from kvstore.compressed import CompressedKV
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 TMP_PREFIX = ".tmp-"
 DEFAULT_GC_GRACE_S = 600.0  # a blob this fresh may belong to a put that has not written its record yet
+_PUT_ATTEMPTS = 8  # rounds of look / write / commit while concurrent writers of one id settle
 
 
 class ContextNotFoundError(LookupError):
@@ -161,7 +162,7 @@ def _publish(tmp: Path, final: Path) -> bool:
         raise
     finally:
         _remove(tmp)
-    fsync_path(final.parent)
+    fsync_dir(final.parent)
     return True
 
 
@@ -212,16 +213,13 @@ class ContextStore:
         """Store a compressed context once; (its record, whether this call created it).
 
         quant / blob_format default to the store's settings ("none" / "safetensors" unless configured).
+        The id does not depend on the blob format: if the context is already stored (in any format),
+        its existing record is returned.
         """
         quant = quant or self.quant
         bits_for(quant)
         fmt = get_format(blob_format or self.blob_format)
         cid = context_id(meta.model_fingerprint, compressed.token_ids, meta.press, quant)
-        existing = self.index.get(cid)
-        if existing is not None:
-            if (self.home / existing.blob).exists():
-                return existing, False
-            self.index.delete(cid, if_created=existing.created)  # its blob is gone: replace the stale record
         final = self.blob_path(cid, fmt.name)
         header = BlobHeader.describe(
             compressed,
@@ -231,9 +229,17 @@ class ContextStore:
             press=meta.press,
             quant=quant,
         )
-        header, published = self._write_blob(final, fmt, compressed, header)
-        record = self._record(cid, compressed, meta, header, fmt, final)
-        for _ in range(3):
+        for _ in range(_PUT_ATTEMPTS):
+            existing = self.index.get(cid)
+            if existing is not None:
+                if (self.home / existing.blob).exists():
+                    return existing, False
+                self.index.delete(cid, if_created=existing.created)  # its blob is gone: replace the stale record
+            written = self._write_blob(final, fmt, compressed, header)
+            if written is None:
+                continue  # the blob changed under us (a losing writer cleaning up): look again
+            stored, published = written
+            record = self._record(cid, compressed, meta, stored, fmt, final)
             if self.index.add(record):  # the commit point
                 return record, True
             winner = self.index.get(cid)
@@ -241,30 +247,31 @@ class ContextStore:
                 if published and winner.blob != record.blob:
                     _remove(final)  # the winner stored it in another format: ours is not needed
                 return winner, False
-        raise RuntimeError(f"could not commit context {cid}: its record keeps changing")
+        raise BlobError(f"could not store context {cid}: concurrent writers kept changing it")
 
     def _write_blob(
         self, final: Path, fmt: BlobFormat, compressed: CompressedKV, header: BlobHeader
-    ) -> tuple[BlobHeader, bool]:
-        """Publish the blob at `final` (or adopt a complete one already there); (its header, ours?)."""
+    ) -> tuple[BlobHeader, bool] | None:
+        """Publish the blob at `final`, or adopt a complete one already there: (its header, ours?).
+
+        None when the blob vanished or was damaged while we looked (the caller retries).
+        """
         final.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            if not final.exists():
-                tmp = final.parent / f"{TMP_PREFIX}{final.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}{fmt.suffix}"
-                try:
-                    written = fmt.write(tmp, compressed, header)
-                    if _publish(tmp, final):
-                        return written, True
-                finally:
-                    _remove(tmp)
-            try:  # another writer (or one that crashed before its record) published it first
-                _, existing = fmt.read(final, header.model_fingerprint)
-                return existing, False
-            except BlobMissingError:
-                continue
-            except BlobError:
-                _remove(final)  # a damaged or outdated leftover without a trustworthy record: write ours
-        raise BlobError(f"could not publish blob {final}: it keeps changing under this writer")
+        if not final.exists():
+            tmp = final.parent / f"{TMP_PREFIX}{final.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}{fmt.suffix}"
+            try:
+                written = fmt.write(tmp, compressed, header)
+                if _publish(tmp, final):
+                    return written, True
+            finally:
+                _remove(tmp)
+        try:  # another writer (or one that crashed before its record) published it first
+            return fmt.read(final, header.model_fingerprint)[1], False
+        except BlobMissingError:
+            return None
+        except BlobError:
+            _remove(final)  # damaged, outdated or being removed: nothing trustworthy points at it
+            return None
 
     def _record(
         self,
@@ -378,7 +385,7 @@ class ContextStore:
                         continue
                 except FileNotFoundError:
                     continue
-                if entry.name.startswith(TMP_PREFIX):
+                if entry.name.startswith("."):  # our temp names, or a serializer's own temp file
                     report.freed_bytes += _remove(entry)
                     report.temp_files.append(entry.name)
                     continue

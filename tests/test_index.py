@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from kvstore.index import KEY_PREFIX, ContextIndex, ContextRecord, IndexUnavailableError, open_redis, redact
 
@@ -155,7 +157,8 @@ def test_unreachable_redis_gives_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(IndexUnavailableError) as caught:
         open_redis("redis://:s3cret@127.0.0.1:1/0", tmp_path)
     assert "s3cret" not in str(caught.value) and "***" in str(caught.value)
-    lost = ContextIndex(redis.Redis(port=1, socket_connect_timeout=1, decode_responses=True), "redis://127.0.0.1:1")
+    client = redis.Redis(port=1, decode_responses=True, retry=Retry(NoBackoff(), 0))
+    lost = ContextIndex(client, "redis://127.0.0.1:1")
     with pytest.raises(IndexUnavailableError, match="cannot reach Redis"):
         lost.get("a" * 64)
 

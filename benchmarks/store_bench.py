@@ -1,0 +1,127 @@
+"""Store benchmark: bytes per context token, and loading a stored context vs prefilling it again.
+
+Why: the store only pays off if a stored context is much smaller than a plain prefix cache and
+much faster to bring back than recomputing it. This prints both, for the real default model, as
+markdown tables (same process, same model, same thread count for every timing; page cache warm).
+
+    python benchmarks/store_bench.py [--tokens 4000] [--haystack DIR] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from kvstore.cache import CompressedCache
+from kvstore.compressor import compress, prefill_context
+from kvstore.config import Settings
+from kvstore.models import LoadedModel, load_model
+from kvstore.presses import make_press
+from kvstore.store import ContextMeta, ContextStore, document_sha256
+
+DEFAULT_HAYSTACK = Path("/work/shared/data/haystack")
+_WORDS = "the a of to in essay startup founder idea work money time people good make think users".split()
+
+
+def haystack_text(loaded: LoadedModel, folder: Path, tokens: int) -> str:
+    """About `tokens` tokens of essays from `folder`; synthetic prose if the folder is missing or empty."""
+    files = sorted(folder.glob("*.txt")) if folder.is_dir() else []
+    if files:
+        text = "\n\n".join(p.read_text(errors="replace") for p in files)
+    else:
+        rng = random.Random(0)
+        text = " ".join(rng.choice(_WORDS) for _ in range(tokens * 2)) + "."
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
+    return loaded.tokenizer.decode(ids)
+
+
+def timed(run: Callable[[], object], repeats: int, warm_up: bool = True) -> tuple[float, object]:
+    """Median seconds over `repeats` runs (after one untimed warm-up run), and the last result."""
+    result = run() if warm_up else None
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = run()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=4000, help="document tokens (before the chat template)")
+    parser.add_argument("--ratio", type=float, default=0.75, help="KVzip compression ratio (fraction removed)")
+    parser.add_argument("--haystack", type=Path, default=DEFAULT_HAYSTACK, help="folder of .txt essays")
+    parser.add_argument("--model", default=None, help="model name (default: the packaged SmolLM2-135M)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed loads per stored variant (median)")
+    parser.add_argument("--prefill-repeats", type=int, default=2, help="timed prefills (median)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    start = time.perf_counter()
+    loaded = load_model(args.model)
+    load_model_s = time.perf_counter() - start
+    text = haystack_text(loaded, args.haystack, args.tokens)
+    press = make_press("kvzip", args.ratio)
+    start = time.perf_counter()
+    compressed = compress(loaded, text, press)  # also warms the model up for the prefill timing
+    compress_s = time.perf_counter() - start
+    prefill_s, run = timed(lambda: prefill_context(loaded, text), args.prefill_repeats, warm_up=False)
+    length = run.length
+
+    dtype = compressed.layers[0].keys.dtype
+    element = torch.empty((), dtype=dtype).element_size()
+    layers, kv_heads = len(compressed.layers), compressed.kv_heads
+    head_dim = compressed.layers[0].keys.shape[-1]
+    full_per_token = layers * kv_heads * head_dim * 2 * element  # what a plain prefix cache holds per token
+
+    meta = ContextMeta.for_model(loaded, press.params(), source="haystack", document_sha256=document_sha256(text))
+    rows: list[tuple[str, str, int, float]] = []
+    with tempfile.TemporaryDirectory() as home:
+        for blob_format, quants in (("safetensors", ("none", "int8", "int4")), ("zarr", ("none", "int4"))):
+            # One store per format: ids do not include the format, so one store would dedupe them.
+            store = ContextStore.open(Settings(home=Path(home) / blob_format, redis_url=None, blob_format=blob_format))
+            try:
+                for quant in quants:
+                    record, _ = store.put(compressed, meta, quant=quant)
+
+                    def ready(context_id: str = record.id, opened: ContextStore = store) -> CompressedCache:
+                        return CompressedCache(opened.load(context_id, model_fingerprint=loaded.fingerprint))
+
+                    load_s, _ = timed(ready, args.repeats)
+                    rows.append((quant, record.blob_format, record.bytes, load_s))
+            finally:
+                store.close()
+
+    print(f"model {loaded.name} ({layers} layers, {kv_heads} KV heads, head_dim {head_dim}, {dtype}), "
+          f"{torch.get_num_threads()} CPU threads, model load {load_model_s:.1f} s")  # fmt: skip
+    print(f"context: {length} tokens ({length - compressed.prefix_length} document + {compressed.prefix_length} "
+          f"template); KVzip ratio {args.ratio}: kept {compressed.kept_pairs} of {compressed.total_pairs} "
+          f"pairs (achieved {compressed.achieved_ratio:.3f})\n")  # fmt: skip
+    print("| storage | bytes / context token | vs full KV |")
+    print("|---|---:|---:|")
+    print(f"| full KV (plain prefix cache, {str(dtype).removeprefix('torch.')}) | {full_per_token:,} | 1.00x |")
+    names = {"none": f"KVzip {args.ratio}", "int8": f"KVzip {args.ratio} + int8", "int4": f"KVzip {args.ratio} + int4"}
+    for quant, blob_format, size, _ in rows:
+        per_token = size / length
+        print(f"| {names[quant]} ({blob_format}) | {per_token:,.0f} | {full_per_token / per_token:.2f}x smaller |")
+    print("(a bfloat16 model, e.g. on GPU, halves the full-KV and unquantized rows; int8/int4 barely change)")
+    print("\n| operation | seconds | vs prefill |")
+    print("|---|---:|---:|")
+    print(f"| prefill {length} tokens (no scoring) | {prefill_s:.3f} | 1x |")
+    print(f"| KVzip compress (prefill + scoring) | {compress_s:.3f} | {compress_s / prefill_s:.2f}x slower |")
+    for quant, blob_format, _, load_s in rows:
+        label = f"load {names[quant]} ({blob_format}) -> CompressedCache"
+        print(f"| {label} | {load_s:.4f} | {prefill_s / load_s:.0f}x faster |")
+
+
+if __name__ == "__main__":
+    main()

