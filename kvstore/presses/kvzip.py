@@ -38,10 +38,9 @@ def _causal_bias(n_queries: int, n_keys: int, device: torch.device) -> torch.Ten
 class ChunkObserver:
     """Scores one document chunk during the reconstruction pass, and computes that pass's attention.
 
-    The fused attention over all keys yields the layer's output and each query's log-sum-exp; the
-    KVzip score of a chunk key is max over queries of exp(logit - lse_reduced), taken as one matmul
-    of [q * scale, -lse] with [k, 1]. Only when the document spans several chunks does the reduced
-    set (template prefix + chunk + reconstruction) need its own log-sum-exp.
+    Fused attention yields the layer's output and each query's log-sum-exp over the reduced set
+    (template prefix + chunk + reconstruction); the KVzip score of a chunk key is the max over
+    queries of exp(logit - lse_reduced), taken as one matmul of [q * scale, -lse] with [k, 1].
     """
 
     scores: Scores
@@ -50,13 +49,36 @@ class ChunkObserver:
     chunk_start: int  # absolute positions of the chunk in the context
     chunk_stop: int
 
-    def _reduced_lse(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float):
+    def _attend(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output over all keys, log-sum-exp over the reduced set), for the cost of one pass over all keys.
+
+        A chunk that is the whole document makes both key sets the same. Otherwise the keys split into
+        the reduced set (causal in its reconstruction part) and the other context keys (all visible);
+        the two partial attentions merge by their log-sum-exps.
+        """
+        n_recon = query.shape[2]
+        if (self.chunk_start, self.chunk_stop) == (self.prefix_length, self.context_length):
+            return attention_with_lse(query, keys, values, _causal_bias(n_recon, keys.shape[2], query.device), scaling)
         p, t = self.prefix_length, self.context_length
-        index = torch.cat(
-            [torch.arange(p), torch.arange(self.chunk_start, self.chunk_stop), torch.arange(t, keys.shape[2])]
-        ).to(keys.device)
-        bias = _causal_bias(query.shape[2], index.numel(), query.device)
-        return attention_with_lse(query, keys[:, :, index], values[:, :, index], bias, scale)[1]
+        columns = torch.arange(keys.shape[2], device=keys.device)
+        in_reduced = (columns < p) | (columns >= t) | ((columns >= self.chunk_start) & (columns < self.chunk_stop))
+        reduced, others = columns[in_reduced], columns[~in_reduced]
+        out_reduced, lse_reduced = attention_with_lse(
+            query,
+            keys[:, :, reduced],
+            values[:, :, reduced],
+            _causal_bias(n_recon, reduced.numel(), query.device),
+            scaling,
+        )
+        out_others, lse_others = attention_with_lse(
+            query, keys[:, :, others], values[:, :, others], query.new_zeros(n_recon, others.numel()), scaling
+        )
+        lse_all = torch.logaddexp(lse_reduced, lse_others)
+        weight_reduced = (lse_reduced - lse_all).exp()[..., None].to(out_reduced.dtype)
+        output = out_reduced * weight_reduced + out_others * (1 - weight_reduced)
+        return output, lse_reduced
 
     def observe(
         self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
@@ -65,11 +87,7 @@ class ChunkObserver:
         kv_heads = key.shape[1]
         groups = q_heads // kv_heads
         keys, values = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-        output, lse = attention_with_lse(
-            query, keys, values, _causal_bias(n_recon, keys.shape[2], query.device), scaling
-        )
-        if (self.chunk_start, self.chunk_stop) != (self.prefix_length, self.context_length):
-            lse = self._reduced_lse(query, keys, values, scaling)
+        output, lse = self._attend(query, keys, values, scaling)
         # [Hkv, G*R, D + 1] rows of (q * scale, -lse) against [Hkv, C, D + 1] columns of (k, 1)
         rows = torch.cat([query[0].float() * scaling, -lse[0, :, :, None]], dim=-1).reshape(kv_heads, -1, dim + 1)
         chunk_keys = key[0, :, self.chunk_start : self.chunk_stop].float()
