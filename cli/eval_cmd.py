@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -121,25 +122,25 @@ def evaluate_command(
     count = tokenizer_counter(loaded.tokenizer)
     samples = [s for length in context_tokens for s in make_suite(tasks, n, int(length), seed, haystack, count)]
     out_dir = Path(out or f"results/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
     runs = len(samples) * (1 + len(presses) * len([r for r in ratios if r > 0]))
     with (
         tempfile.TemporaryDirectory(prefix="kvstore-eval-") as home,
         ContextStore.open(Settings(home=Path(home), redis_url=None)) as store,
+        (out_dir / "results.jsonl").open("w") as log,
         Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
         ) as progress,
     ):
         bar = progress.add_task("evaluating", total=runs)
-        results = evaluate(
-            loaded,
-            samples,
-            presses,
-            ratios,
-            store,
-            quant,
-            max_new_tokens,
-            on_result=lambda r: progress.update(bar, advance=1, description=f"{r.task} {r.method}"),
-        )
+
+        def record(result: CaseResult) -> None:
+            """Keep every case on disk as it finishes: long sweeps can be followed and are never lost."""
+            log.write(json.dumps(result.to_dict()) + "\n")
+            log.flush()
+            progress.update(bar, advance=1, description=f"{result.task} {result.method}")
+
+        results = evaluate(loaded, samples, presses, ratios, store, quant, max_new_tokens, on_result=record)
     files = write_results(results, out_dir) + plot_accuracy(results, out_dir)
     console.print(_table(results))
     console.print("wrote " + ", ".join(str(f) for f in files))
