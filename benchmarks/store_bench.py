@@ -10,7 +10,6 @@ markdown tables (same process, same model, same thread count for every timing; p
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import tempfile
 import time
@@ -22,24 +21,12 @@ import torch
 from kvstore.cache import CompressedCache
 from kvstore.compressor import compress, prefill_context
 from kvstore.config import Settings
-from kvstore.models import LoadedModel, load_model
+from kvstore.eval.haystack import filler, tokenizer_counter
+from kvstore.models import load_model
 from kvstore.presses import make_press
 from kvstore.store import ContextMeta, ContextStore, document_sha256
 
 DEFAULT_HAYSTACK = Path("/work/shared/data/haystack")
-_WORDS = "the a of to in essay startup founder idea work money time people good make think users".split()
-
-
-def haystack_text(loaded: LoadedModel, folder: Path, tokens: int) -> str:
-    """About `tokens` tokens of essays from `folder`; synthetic prose if the folder is missing or empty."""
-    files = sorted(folder.glob("*.txt")) if folder.is_dir() else []
-    if files:
-        text = "\n\n".join(p.read_text(errors="replace") for p in files)
-    else:
-        rng = random.Random(0)
-        text = " ".join(rng.choice(_WORDS) for _ in range(tokens * 2)) + "."
-    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
-    return loaded.tokenizer.decode(ids)
 
 
 def timed(run: Callable[[], object], repeats: int, warm_up: bool = True) -> tuple[float, object]:
@@ -69,7 +56,8 @@ def main() -> None:
     start = time.perf_counter()
     loaded = load_model(args.model)
     load_model_s = time.perf_counter() - start
-    text = haystack_text(loaded, args.haystack, args.tokens)
+    folder = args.haystack if args.haystack.is_dir() else None  # generated text when the essays are absent
+    text = filler(args.tokens, folder, count_tokens=tokenizer_counter(loaded.tokenizer))
     press = make_press("kvzip", args.ratio)
     start = time.perf_counter()
     compressed = compress(loaded, text, press)  # also warms the model up for the prefill timing
