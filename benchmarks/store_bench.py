@@ -68,7 +68,7 @@ def main() -> None:
     dtype = compressed.layers[0].keys.dtype
     element = torch.empty((), dtype=dtype).element_size()
     layers, kv_heads = len(compressed.layers), compressed.kv_heads
-    head_dim = compressed.layers[0].keys.shape[-1]
+    head_dim = compressed.head_dim
     full_per_token = layers * kv_heads * head_dim * 2 * element  # what a plain prefix cache holds per token
 
     meta = ContextMeta.for_model(loaded, press.params(), source="haystack", document_sha256=document_sha256(text))

@@ -13,13 +13,12 @@ import torch
 from rich.table import Table
 
 from cli.console import make_console
-from cli.eval_cmd import parse_numbers
+from cli.eval_cmd import parse_numbers, parse_spec
 from kvstore.cache import CompressedCache
 from kvstore.config import Settings
 from kvstore.eval.haystack import filler, tokenizer_counter
 from kvstore.eval.perf import PerfRow, ThroughputRow, measure_length, measure_throughput
 from kvstore.models import load_model
-from kvstore.presses import PRESSES
 from kvstore.quant import QUANT_BITS
 from kvstore.store import ContextStore
 
@@ -35,7 +34,9 @@ THROUGHPUT_QUESTIONS = [
 
 @click.command("bench")
 @click.option("--model", "-m", default=None, help="Model (default: KVSTORE_MODEL or smollm2-135m).")
-@click.option("--press", default="kvzip", show_default=True, type=click.Choice(sorted(PRESSES)))
+@click.option(
+    "--press", default="kvzip", show_default=True, callback=parse_spec, help="Press spec, e.g. kvzip+think:0.25."
+)
 @click.option("--ratio", default=0.75, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True))
 @click.option("--quant", default="none", show_default=True, type=click.Choice(sorted(QUANT_BITS)))
 @click.option(

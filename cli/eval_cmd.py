@@ -19,7 +19,7 @@ from kvstore.eval.report import plot_accuracy, summarize, write_results
 from kvstore.eval.runner import CaseResult, evaluate
 from kvstore.eval.tasks import TASKS, make_suite
 from kvstore.models import load_model
-from kvstore.presses import PRESSES
+from kvstore.presses import parse_press_spec
 from kvstore.quant import QUANT_BITS
 from kvstore.store import ContextStore
 
@@ -34,6 +34,20 @@ def parse_numbers(ctx: click.Context, param: click.Parameter, value: str) -> lis
     if any(not 0.0 <= r < 1.0 for r in numbers) and param.name == "ratios":
         raise click.BadParameter("ratios must be in [0, 1)")
     return numbers
+
+
+def parse_spec(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """One press spec, checked by building it once."""
+    try:
+        parse_press_spec(value, 0.5)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value.strip()
+
+
+def parse_specs(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    """Comma-separated press specs."""
+    return [parse_spec(ctx, param, v) for v in value.split(",") if v.strip()]
 
 
 def _names(choices: list[str]) -> Callable[[click.Context, click.Parameter, str], list[str]]:
@@ -56,8 +70,8 @@ def _names(choices: list[str]) -> Callable[[click.Context, click.Parameter, str]
     "presses",
     default="kvzip,streaming",
     show_default=True,
-    callback=_names(sorted(PRESSES)),
-    help="Comma-separated presses.",
+    callback=parse_specs,
+    help="Comma-separated press specs; stages without a ratio take the swept one (e.g. kvzip,kvzip+think:0.25).",
 )
 @click.option(
     "--ratio",

@@ -7,16 +7,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli.console import make_console
 from cli.options import compression_options, open_client, store_options
 from kvstore.client import KVStore
 from kvstore.documents import DocumentError, discover, read_document
 from kvstore.presses.base import ScorerPress
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 
 @dataclass
@@ -46,10 +46,12 @@ class IngestSummary:
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--queue", is_flag=True, help="Run on the workers (`kvstore worker`): submit, then follow the job.")
 @compression_options
 @store_options
 def ingest(
     paths: tuple[str, ...],
+    queue: bool,
     home: str | None,
     redis_url: str | None,
     model: str | None,
@@ -64,9 +66,16 @@ def ingest(
     A document already stored with the same settings is skipped without recomputation.
 
     \b
-    Example:
+    Examples:
         kvstore ingest docs/ notes.md --ratio 0.75 --quant int8
+        kvstore ingest --queue docs/     # same, on the workers (kvstore submit + kvstore status --wait)
     """
+    if queue:
+        from cli.worker_cmds import submit_and_wait
+
+        overrides = {"model": model, "press": press, "ratio": ratio, "quant": quant, "blob_format": blob_format}
+        submit_and_wait(paths, overrides, home, redis_url)
+        return
     files = discover(paths)
     if not files:
         raise click.ClickException(f"no supported documents under {', '.join(paths)}")
@@ -75,17 +84,30 @@ def ingest(
     )
     with kv:
         compressor = kv.press()  # validates press and ratio before the model loads
-        console.print(f"loading model [bold]{kv.settings.model}[/]")
-        kv.model()
-        summary = _ingest_all(kv, files, compressor)
+        summary = IngestSummary()
+        texts = _read_all(files, summary)  # bad files fail here, before any model work
+        if texts:
+            console.print(f"loading model [bold]{kv.settings.model}[/]")
+            kv.model()
+            _ingest_all(kv, texts, compressor, summary)
     console.print(summary.table())
     console.print(f"{summary.tokens:,} context tokens; {summary.bytes_saved / 2**20:,.1f} MiB saved vs full caches")
     if summary.failed:
         raise SystemExit(1)
 
 
-def _ingest_all(kv: KVStore, files: list[Path], compressor: ScorerPress) -> IngestSummary:
-    summary = IngestSummary()
+def _read_all(files: list[Path], summary: IngestSummary) -> dict[Path, str]:
+    """Text of every readable file; the others are recorded as failed with the reason."""
+    texts = {}
+    for path in files:
+        try:
+            texts[path] = read_document(path)
+        except DocumentError as exc:
+            summary.failed.append((str(path), str(exc).removeprefix(f"{path}: ")))
+    return texts
+
+
+def _ingest_all(kv: KVStore, texts: dict[Path, str], compressor: ScorerPress, summary: IngestSummary) -> None:
     started = time.perf_counter()
     columns = [
         TextColumn("{task.description}"),
@@ -96,11 +118,11 @@ def _ingest_all(kv: KVStore, files: list[Path], compressor: ScorerPress) -> Inge
         TimeElapsedColumn(),
     ]
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("ingesting", total=len(files), rate=0.0, saved="0 B")
-        for path in files:
+        task = progress.add_task("ingesting", total=len(texts), rate=0.0, saved="0 B")
+        for path, text in texts.items():
             progress.update(task, description=f"ingesting {path.name}")
             try:
-                parts = kv.ingest_text(read_document(path), str(path), compressor)
+                parts = kv.ingest_text(text, str(path), compressor)
             except DocumentError as exc:
                 summary.failed.append((str(path), str(exc).removeprefix(f"{path}: ")))
             else:
@@ -114,4 +136,3 @@ def _ingest_all(kv: KVStore, files: list[Path], compressor: ScorerPress) -> Inge
                 rate=summary.tokens / (time.perf_counter() - started),
                 saved=f"{summary.bytes_saved / 2**20:,.1f} MiB",
             )
-    return summary

@@ -5,10 +5,12 @@ from __future__ import annotations
 import click
 import transformers
 
+from cli.bench_cmd import bench
 from cli.context_cmds import ask, gc, list_contexts, remove, show, stats
 from cli.errors import FriendlyGroup
 from cli.eval_cmd import evaluate_command
 from cli.ingest_cmd import ingest
+from cli.worker_cmds import status_cmd, submit_cmd, worker
 
 
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,5 +32,19 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-for command in (ingest, list_contexts, show, ask, remove, gc, stats, evaluate_command):
+COMMANDS = (
+    ingest,
+    list_contexts,
+    show,
+    ask,
+    remove,
+    gc,
+    stats,
+    evaluate_command,
+    bench,
+    worker,
+    submit_cmd,
+    status_cmd,
+)
+for command in COMMANDS:
     main.add_command(command)

@@ -44,14 +44,20 @@ class AttentionObserver(Protocol):
 
 @dataclass
 class RaggedPrefix:
-    """One layer's compressed prefix: each KV head keeps its own number of rows, with no padding."""
+    """One layer's compressed prefix: each KV head keeps its own number of rows, with no padding.
 
-    keys: list[torch.Tensor]  # per kv head: [kept_h, head_dim]
-    values: list[torch.Tensor]
+    With `key_channels` (ThinK), head h stores only those key channels: its prefix scores use the
+    query projected onto them, which equals zeroing the pruned channels of query and prefix keys.
+    """
+
+    keys: list[torch.Tensor]  # per kv head: [kept_h, head_dim], or [kept_h, channels] when key channels are pruned
+    values: list[torch.Tensor]  # per kv head: [kept_h, head_dim]
+    key_channels: list[torch.Tensor] | None = None  # per kv head: int64 [channels] ascending, or None (all)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        tensors = (*self.keys, *self.values, *(self.key_channels or ()))
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 _local = threading.local()
@@ -114,9 +120,11 @@ def _attend_one_head(
     suffix_values: torch.Tensor,
     suffix_mask: torch.Tensor,
     scaling: float,
+    key_channels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """query [B, rows, D] of one GQA group over its own prefix [kept, D] and the suffix [B, S, D]."""
-    prefix_scores = torch.matmul(query, prefix_keys.T) * scaling  # prefix broadcast over the batch
+    """query [B, rows, D] of one GQA group over its own prefix [kept, D or channels] and the suffix [B, S, D]."""
+    prefix_query = query if key_channels is None else query.index_select(-1, key_channels)
+    prefix_scores = torch.matmul(prefix_query, prefix_keys.T) * scaling  # prefix broadcast over the batch
     suffix_scores = torch.matmul(query, suffix_keys.transpose(-1, -2)) * scaling
     suffix_scores = suffix_scores.masked_fill(~suffix_mask, float("-inf"))
     probs = torch.softmax(torch.cat([prefix_scores, suffix_scores], dim=-1), dim=-1, dtype=torch.float32)
@@ -159,6 +167,7 @@ def ragged_attention(
                 suffix_values[:, h],
                 block_mask,
                 scaling,
+                None if prefix.key_channels is None else prefix.key_channels[h],
             )
             for h in range(kv_heads)
         ]

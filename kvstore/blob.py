@@ -7,13 +7,17 @@ Both formats store the same payload, a flat set of named tensors:
     layer.{i}.positions             int32 [kept]          original token positions
     layer.{i}.keys / .values        dtype [kept, head_dim]              (quant "none")
     layer.{i}.keys.q / .scales / .zeros  (and the same for values)      (quant "int8" / "int4")
+    layer.{i}.key_channels          int32 [kv_heads, channels]  only where ThinK pruned key channels:
+                                    that layer's keys are then [kept, channels] (quantized likewise)
 
 and the same header (`BlobHeader`: what wrote the blob and how to read it back). The checksum is a
 sha256 over the header (without the checksum field) and every tensor's name, dtype, shape and raw
 bytes in name order, so it is independent of the container and catches a flipped byte anywhere.
-Nothing is ever unpickled: safetensors holds only raw tensors plus string metadata, zarr only
-arrays plus JSON attributes. Writers write exactly the path they are given; atomic publication
-(temp name, fsync, rename) is the store's job.
+Version 2 added the key channels (`BlobHeader.key_channels`, one count per layer, 0 = all).
+Version 1 blobs have none and are still read; older readers refuse version 2 cleanly instead of
+misreading pruned keys. Nothing is ever unpickled: safetensors holds only raw tensors plus string
+metadata, zarr only arrays plus JSON attributes. Writers write exactly the path they are given;
+atomic publication (temp name, fsync, rename) is the store's job.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,7 +35,8 @@ import torch
 from kvstore.compressed import CompressedKV, CompressedLayer
 from kvstore.quant import DEFAULT_GROUP_SIZE, KEYS_AXIS, VALUES_AXIS, QuantizedTensor, bits_for, dequantize, quantize
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this code writes
+READABLE_VERSIONS = (1, 2)  # version 1: no key channel pruning (no `key_channels` in the header)
 METADATA_KEY = "kvstore"  # safetensors metadata key / zarr group attribute holding the header JSON
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -80,6 +85,7 @@ class BlobHeader:
     prefix_length: int
     head_dim: int
     lengths: list[list[int]]  # [layer][kv head]: kept rows
+    key_channels: list[int] = field(default_factory=list)  # [layer]: key channels stored per head, 0 = all
     group_size: int = DEFAULT_GROUP_SIZE
     checksum: str = ""  # sha256, filled in by the writer
     format_version: int = FORMAT_VERSION
@@ -107,13 +113,19 @@ class BlobHeader:
             quant=quant,
             original_length=compressed.original_length,
             prefix_length=compressed.prefix_length,
-            head_dim=int(compressed.layers[0].keys.shape[-1]),
+            head_dim=compressed.head_dim,
             lengths=[[int(n) for n in layer.lengths.tolist()] for layer in compressed.layers],
+            key_channels=[
+                0 if layer.key_channels is None else int(layer.key_channels.shape[1]) for layer in compressed.layers
+            ],
             group_size=group_size,
         )
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        raw = asdict(self)
+        if self.format_version == 1:  # version 1 headers had no key channels: keep their JSON (and checksum)
+            raw.pop("key_channels")
+        return json.dumps(raw, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_dict(cls, raw: object) -> BlobHeader:
@@ -121,9 +133,10 @@ class BlobHeader:
         if not isinstance(raw, dict):
             raise BlobCorruptError("blob header is not a JSON object")
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
+            readable = " and ".join(map(str, READABLE_VERSIONS))
             raise BlobVersionError(
-                f"blob format version {version!r} is not supported (this kvstore reads version {FORMAT_VERSION}); "
+                f"blob format version {version!r} is not supported (this kvstore reads versions {readable}); "
                 "re-ingest the document"
             )
         try:
@@ -132,6 +145,12 @@ class BlobHeader:
         except (TypeError, ValueError) as exc:
             raise BlobCorruptError(f"blob header is damaged: {exc}") from exc
         parse_dtype(header.dtype)
+        if version != 1 and (
+            not isinstance(header.key_channels, list)
+            or len(header.key_channels) != header.layers
+            or any(not isinstance(n, int) or not 0 <= n <= header.head_dim for n in header.key_channels)
+        ):
+            raise BlobCorruptError("blob header is damaged: key_channels does not match its layers")
         if json.loads(header.to_json()) != raw:  # a flipped byte that still parses: wrong types or keys
             raise BlobCorruptError("blob header is damaged: it does not re-serialize to itself")
         return header
@@ -149,6 +168,14 @@ class BlobHeader:
     @property
     def layers(self) -> int:
         return len(self.lengths)
+
+    def pruned(self, layer: int) -> bool:
+        """Whether `layer` stores only some key channels (and a `key_channels` tensor)."""
+        return bool(self.key_channels) and self.key_channels[layer] > 0
+
+    def key_width(self, layer: int) -> int:
+        """Columns of `layer`'s stored keys."""
+        return self.key_channels[layer] if self.pruned(layer) else self.head_dim
 
 
 def check_model(header: BlobHeader, model_fingerprint: str | None) -> None:
@@ -190,6 +217,8 @@ def payload(compressed: CompressedKV, header: BlobHeader) -> dict[str, torch.Ten
         lengths = _owned(layer.lengths.to(torch.int32))
         tensors[f"layer.{i}.lengths"] = lengths
         tensors[f"layer.{i}.positions"] = _owned(layer.positions.to(torch.int32))
+        if layer.key_channels is not None:
+            tensors[f"layer.{i}.key_channels"] = _owned(layer.key_channels.to(torch.int32))
         for part, tensor, axis in (("keys", layer.keys, KEYS_AXIS), ("values", layer.values, VALUES_AXIS)):
             if bits is None:
                 tensors[f"layer.{i}.{part}"] = _owned(tensor)
@@ -209,6 +238,8 @@ def expected_names(header: BlobHeader) -> set[str]:
     names = {"token_ids"}
     for i in range(header.layers):
         names |= {f"layer.{i}.lengths", f"layer.{i}.positions", *(f"layer.{i}.{p}" for p in parts)}
+        if header.pruned(i):
+            names.add(f"layer.{i}.key_channels")
     return names
 
 
@@ -220,6 +251,7 @@ def unpack(tensors: dict[str, torch.Tensor], header: BlobHeader) -> CompressedKV
         lengths = tensors[f"layer.{i}.lengths"]
         rows = int(lengths.sum())
         kv = []
+        widths = {"keys": header.key_width(i), "values": header.head_dim}
         for part, axis in (("keys", KEYS_AXIS), ("values", VALUES_AXIS)):
             if bits is None:
                 kv.append(tensors[f"layer.{i}.{part}"])
@@ -232,10 +264,11 @@ def unpack(tensors: dict[str, torch.Tensor], header: BlobHeader) -> CompressedKV
                 bits,
                 axis,
                 header.group_size,
-                (rows, header.head_dim),
+                (rows, widths[part]),
             )
             kv.append(dequantize(q, dtype))
-        layers.append(CompressedLayer(kv[0], kv[1], lengths, tensors[f"layer.{i}.positions"]))
+        channels = tensors.get(f"layer.{i}.key_channels")
+        layers.append(CompressedLayer(kv[0], kv[1], lengths, tensors[f"layer.{i}.positions"], channels))
     return CompressedKV(layers, tensors["token_ids"], header.prefix_length)
 
 

@@ -15,22 +15,43 @@ from kvstore.attention import RaggedPrefix
 
 @dataclass
 class CompressedLayer:
-    """One layer: kept K/V rows of head 0, then head 1, ... with their original positions."""
+    """One layer: kept K/V rows of head 0, then head 1, ... with their original positions.
 
-    keys: torch.Tensor  # [kept, head_dim]
+    When `key_channels` is set (ThinK), every head stores only those key channels: `keys` is
+    [kept, channels] while `values` keep all head_dim channels. Pruned channels cost no memory.
+    """
+
+    keys: torch.Tensor  # [kept, head_dim], or [kept, channels] when key_channels is set
     values: torch.Tensor  # [kept, head_dim]
     lengths: torch.Tensor  # int32 [kv_heads]: rows per head
     positions: torch.Tensor  # int32 [kept]: token positions in the original context, ascending per head
+    key_channels: torch.Tensor | None = None  # int32 [kv_heads, channels]: stored key channels, ascending per head
 
     @classmethod
-    def from_dense(cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> CompressedLayer:
-        """Pack [kv_heads, T, D] keys/values under a [kv_heads, T] boolean keep mask."""
+    def from_dense(
+        cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, key_channels: torch.Tensor | None = None
+    ) -> CompressedLayer:
+        """Pack [kv_heads, T, D] keys/values under a [kv_heads, T] boolean keep mask.
+
+        `key_channels` ([kv_heads, channels], ascending) keeps only those key channels of each head;
+        keeping all of them is the same as passing None.
+        """
+        if key_channels is not None:
+            if key_channels.dim() != 2 or key_channels.shape[0] != keys.shape[0]:
+                raise ValueError(f"key_channels must be [kv_heads, channels], got {tuple(key_channels.shape)}")
+            if key_channels.shape[1] == keys.shape[-1]:
+                key_channels = None  # ascending and complete: nothing is pruned
+            else:
+                index = key_channels.to(device=keys.device, dtype=torch.long)
+                keys = keys.gather(2, index[:, None, :].expand(-1, keys.shape[1], -1))
+                key_channels = key_channels.to(device=keys.device, dtype=torch.int32).contiguous()
         head_idx, positions = keep.nonzero(as_tuple=True)  # row-major: head-major, positions ascending
         return cls(
             keys=keys[head_idx, positions].contiguous(),
             values=values[head_idx, positions].contiguous(),
             lengths=keep.sum(dim=1).to(torch.int32),
             positions=positions.to(torch.int32),
+            key_channels=key_channels,
         )
 
     @property
@@ -38,15 +59,31 @@ class CompressedLayer:
         return int(self.lengths.numel())
 
     @property
+    def head_dim(self) -> int:
+        """The model's head dimension (values always keep every channel)."""
+        return int(self.values.shape[-1])
+
+    @property
+    def kv_elements(self) -> int:
+        """Stored K/V scalars: pruned key channels do not count."""
+        return self.keys.numel() + self.values.numel()
+
+    @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.lengths, self.positions))
+        tensors = (self.keys, self.values, self.lengths, self.positions)
+        if self.key_channels is not None:
+            tensors += (self.key_channels,)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def per_head(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> RaggedPrefix:
         """Split into one tensor per head (views of the packed rows when no cast or move is needed)."""
         sizes = self.lengths.tolist()
         keys = self.keys.to(device=device, dtype=dtype or self.keys.dtype)
         values = self.values.to(device=device, dtype=dtype or self.values.dtype)
-        return RaggedPrefix(list(keys.split(sizes)), list(values.split(sizes)))
+        channels = None
+        if self.key_channels is not None:
+            channels = list(self.key_channels.to(device=keys.device, dtype=torch.long).unbind(0))
+        return RaggedPrefix(list(keys.split(sizes)), list(values.split(sizes)), channels)
 
 
 @dataclass
@@ -76,9 +113,28 @@ class CompressedKV:
         return self.original_length * self.kv_heads * len(self.layers)
 
     @property
+    def head_dim(self) -> int:
+        return self.layers[0].head_dim
+
+    @property
+    def kept_elements(self) -> int:
+        """Stored K/V scalars: evicted pairs and pruned key channels do not count."""
+        return sum(layer.kv_elements for layer in self.layers)
+
+    @property
+    def total_elements(self) -> int:
+        """K/V scalars a full cache of this context holds (keys and values, every channel)."""
+        return 2 * self.total_pairs * self.head_dim
+
+    @property
     def achieved_ratio(self) -> float:
-        """Fraction of all context K/V pairs removed (template prefix included in the total)."""
-        return 1.0 - self.kept_pairs / max(1, self.total_pairs)
+        """Fraction of the full cache's K/V memory not stored (template prefix included in the total).
+
+        Counted in K/V scalars, i.e. bytes at the cache's dtype before any blob quantization, so token
+        eviction and key channel pruning (ThinK) both count. Without channel pruning it is exactly the
+        fraction of pairs removed, 1 - kept_pairs / total_pairs.
+        """
+        return 1.0 - self.kept_elements / max(1, self.total_elements)
 
     @property
     def nbytes(self) -> int:

@@ -1,4 +1,4 @@
-"""Text -> token ids -> full KV -> scores -> keep mask -> CompressedKV."""
+"""Text -> token ids -> full KV -> scores -> keep mask (-> key channels) -> CompressedKV."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from kvstore.attention import observing
 from kvstore.compressed import CompressedKV, CompressedLayer
 from kvstore.models import LoadedModel
 from kvstore.prefill import prefill
-from kvstore.presses.base import ScorerPress, ScoringInput
+from kvstore.presses.base import Channels, ScorerPress, ScoringInput
 from kvstore.prompt import ChatFrame
 
 
@@ -26,15 +26,22 @@ def prefill_context(loaded: LoadedModel, document: str, press: ScorerPress | Non
     return ScoringInput(loaded, frame, cache, input_ids, len(frame.head_ids), observer)
 
 
-def pack(run: ScoringInput, doc_keep: list[torch.Tensor]) -> CompressedKV:
-    """Physically drop evicted pairs; the template prefix is always kept."""
+def pack(run: ScoringInput, doc_keep: list[torch.Tensor], key_channels: Channels | None = None) -> CompressedKV:
+    """Physically drop evicted pairs (the template prefix is always kept) and the key channels not chosen.
+
+    `key_channels` (per layer [kv_heads, channels], from `press.key_channels`) applies to every kept
+    row of a head, template prefix included; None stores every channel.
+    """
     layers = []
-    for layer, keep in zip(run.cache.layers, doc_keep, strict=True):
-        prefix_keep = keep.new_ones(keep.shape[0], run.prefix_length)
-        layers.append(CompressedLayer.from_dense(layer.keys[0], layer.values[0], torch.cat([prefix_keep, keep], 1)))
+    channels = key_channels if key_channels is not None else [None] * len(doc_keep)
+    for layer, keep, chosen in zip(run.cache.layers, doc_keep, channels, strict=True):
+        full_keep = torch.cat([keep.new_ones(keep.shape[0], run.prefix_length), keep], 1)
+        layers.append(CompressedLayer.from_dense(layer.keys[0], layer.values[0], full_keep, chosen))
     return CompressedKV(layers, run.input_ids[0].to(torch.int32).cpu(), run.prefix_length)
 
 
 def compress(loaded: LoadedModel, document: str, press: ScorerPress) -> CompressedKV:
+    """Token selection first, then the press's channel stage (ThinK) on the pairs it kept."""
     run = prefill_context(loaded, document, press)
-    return pack(run, press.keep_masks(run))
+    doc_keep = press.keep_masks(run)
+    return pack(run, doc_keep, press.key_channels(run, doc_keep))

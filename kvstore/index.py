@@ -77,7 +77,7 @@ class ContextRecord:
     kept_pairs: int  # (layer, head, token) K/V pairs stored
     total_pairs: int  # pairs a full cache holds
     ratio_requested: float
-    ratio_achieved: float
+    ratio_achieved: float  # fraction of the full cache's K/V memory not stored (CompressedKV.achieved_ratio)
     press: dict[str, Any]
     quant: str
     blob_format: str

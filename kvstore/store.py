@@ -99,9 +99,10 @@ class ContextMeta:
 
     @property
     def requested_ratio(self) -> float:
+        """K/V memory fraction asked for: a press's `memory_ratio` when it differs from its ratio (ThinK)."""
         if self.ratio is not None:
             return float(self.ratio)
-        return float(self.press.get("compression_ratio", 0.0) or 0.0)
+        return float(self.press.get("memory_ratio", self.press.get("compression_ratio", 0.0)) or 0.0)
 
 
 @dataclass
@@ -283,7 +284,7 @@ class ContextStore:
         final: Path,
     ) -> ContextRecord:
         dtype = compressed.layers[0].keys.dtype
-        head_dim = int(compressed.layers[0].keys.shape[-1])
+        head_dim = compressed.head_dim
         element = torch.empty((), dtype=dtype).element_size()
         return ContextRecord(
             id=cid,

@@ -19,7 +19,7 @@ from kvstore.compressor import pack, prefill_context
 from kvstore.decode import answer_many, greedy_tokens
 from kvstore.models import LoadedModel
 from kvstore.prefill import prefill
-from kvstore.presses import make_press
+from kvstore.presses import make_press, parse_press_spec
 from kvstore.prompt import ChatFrame
 from kvstore.store import ContextMeta, ContextStore
 
@@ -90,7 +90,7 @@ def measure_length(
     loaded: LoadedModel,
     store: ContextStore,
     document: str,
-    press_name: str,
+    press_spec: str,
     ratio: float,
     quant: str,
     decode_tokens: int = 32,
@@ -98,12 +98,12 @@ def measure_length(
     """Every stage once for one document (run a warm-up length first to exclude one-time costs)."""
     frame = ChatFrame.for_tokenizer(loaded.tokenizer)
     question_ids = frame.question_ids(QUESTION)
-    press = make_press(press_name, ratio)
+    press = parse_press_spec(press_spec, ratio)
     run, prefill_s = _timed(loaded, lambda: prefill_context(loaded, document, press))
-    scores, score_s = _timed(loaded, lambda: press.score(run))
+    masks, score_s = _timed(loaded, lambda: press.keep_masks(run))
     meta = ContextMeta.for_model(loaded, press.params(), source="bench")
     (record, _), write_s = _timed(
-        loaded, lambda: store.put(pack(run, press.masks_from_scores(scores, run)), meta, quant=quant)
+        loaded, lambda: store.put(pack(run, masks, press.key_channels(run, masks)), meta, quant=quant)
     )
     full = CompressedCache(pack(run, make_press("none", 0.0).keep_masks(run)))
     compressed, load_s = _timed(

@@ -19,8 +19,8 @@ from kvstore.decode import answer_many
 from kvstore.eval.tasks import Sample
 from kvstore.index import ContextRecord
 from kvstore.models import LoadedModel
-from kvstore.presses import make_press
-from kvstore.presses.base import ScoringInput
+from kvstore.presses import PressChain, parse_press_spec
+from kvstore.presses.base import ScorerPress, ScoringInput
 from kvstore.store import ContextMeta, ContextStore
 
 FULL = "full"
@@ -61,12 +61,17 @@ class _Scored:
     score_s: float
 
 
-def _score_once(loaded: LoadedModel, sample: Sample, press_name: str, ratio: float) -> _Scored:
-    press = make_press(press_name, ratio)
+def _reusable_scores(press: ScorerPress) -> bool:
+    """One token press scores once for every ratio; chains and channel stages redo their own work."""
+    return press.compression_ratio > 0.0 and not isinstance(press, PressChain) and not press.channel_stage
+
+
+def _score_once(loaded: LoadedModel, sample: Sample, spec: str, ratio: float) -> _Scored:
+    press = parse_press_spec(spec, ratio)
     start = time.perf_counter()
     run = prefill_context(loaded, sample.context, press)
     prefill_s = time.perf_counter() - start
-    if ratio == 0.0:
+    if not _reusable_scores(press):
         return _Scored(run, None, prefill_s, 0.0)
     start = time.perf_counter()
     scores = press.score(run)
@@ -78,20 +83,19 @@ def _ask_stored(
     store: ContextStore,
     sample: Sample,
     scored: _Scored,
-    press_name: str,
+    spec: str,
     ratio: float,
     quant: str,
     max_new_tokens: int,
 ) -> tuple[str, float, ContextRecord]:
     """Cut at `ratio`, store, load back, then (only then) ask: (answer, seconds, stored record)."""
-    press = make_press(press_name, ratio)
+    press = parse_press_spec(spec, ratio)
     if scored.scores is None:
         masks = press.keep_masks(scored.run)
     else:
         masks = press.masks_from_scores(scored.scores, scored.run)
-    record, _ = store.put(
-        pack(scored.run, masks), ContextMeta.for_model(loaded, press.params(), source=sample.id), quant=quant
-    )
+    compressed = pack(scored.run, masks, press.key_channels(scored.run, masks))
+    record, _ = store.put(compressed, ContextMeta.for_model(loaded, press.params(), source=sample.id), quant=quant)
     cache = CompressedCache(store.load(record.id, model_fingerprint=loaded.fingerprint), device=loaded.device)
     start = time.perf_counter()
     answer = answer_many(loaded, cache, [sample.question], max_new_tokens)[0]
@@ -108,16 +112,19 @@ def evaluate(
     max_new_tokens: int = 32,
     on_result: Callable[[CaseResult], None] | None = None,
 ) -> list[CaseResult]:
-    """Every sample under the full cache and under each press at each ratio."""
+    """Every sample under the full cache and under each press spec at each ratio.
+
+    A spec's stages without a ratio take the swept one: "kvzip+think:0.25" at 0.75 is kvzip:0.75+think:0.25.
+    """
     compressed_ratios = [r for r in ratios if r > 0.0]
-    plan = [(FULL, "none", [0.0])] + [(name, name, compressed_ratios) for name in presses if compressed_ratios]
+    plan = [(FULL, "none", [0.0])] + [(spec, spec, compressed_ratios) for spec in presses if compressed_ratios]
     results = []
     for sample in samples:
-        for label, press_name, press_ratios in plan:
-            scored = _score_once(loaded, sample, press_name, press_ratios[0])
+        for label, spec, press_ratios in plan:
+            scored = _score_once(loaded, sample, spec, press_ratios[0])
             for ratio in press_ratios:
                 answer, answer_s, record = _ask_stored(
-                    loaded, store, sample, scored, press_name, ratio, quant, max_new_tokens
+                    loaded, store, sample, scored, spec, ratio, quant, max_new_tokens
                 )
                 result = CaseResult(
                     sample.id,

@@ -11,6 +11,7 @@ from kvstore.presses.noop import NoPress
 from kvstore.presses.pyramidkv import PyramidKVPress
 from kvstore.presses.snapkv import SnapKVPress
 from kvstore.presses.streaming import StreamingLLMPress
+from kvstore.presses.think import ThinKPress
 from kvstore.presses.tova import TOVAPress
 
 PRESSES: dict[str, type[ScorerPress]] = {
@@ -25,6 +26,7 @@ PRESSES: dict[str, type[ScorerPress]] = {
         PyramidKVPress,
         KVComposePress,
         KVzipHeadPress,
+        ThinKPress,
     )
 }
 
@@ -34,7 +36,7 @@ def make_press(name: str, ratio: float, **params: object) -> ScorerPress:
     if name not in PRESSES:
         raise ValueError(f"unknown press {name!r}: choose one of {', '.join(sorted(PRESSES))}")
     if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio must be in [0, 1) (fraction of KV pairs removed), got {ratio}")
+        raise ValueError(f"ratio must be in [0, 1) (fraction of KV pairs or key channels removed), got {ratio}")
     if ratio == 0.0:
         return NoPress()
     return PRESSES[name](compression_ratio=ratio, **params)
@@ -57,6 +59,7 @@ __all__ = [
     "SnapKVPress",
     "StreamingLLMPress",
     "TOVAPress",
+    "ThinKPress",
     "make_press",
     "parse_press_spec",
     "press_spec",

@@ -1,4 +1,9 @@
-"""What every press is: a dataclass with a compression ratio that scores the document's KV pairs."""
+"""What every press is: a dataclass with a compression ratio that scores the document's KV pairs.
+
+A press may also be a channel stage (ThinK): it evicts no token but picks which key channels of
+each head are stored, after the token selection (`key_channels`). Its ratio is then a fraction of
+key channels, and `memory_ratio` says what any press removes in K/V memory.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from kvstore.attention import AttentionObserver
 from kvstore.budget import Masks, Scores, select
 from kvstore.models import LoadedModel
 from kvstore.prompt import ChatFrame
+
+Channels = list[torch.Tensor]  # per layer: int32 [kv_heads, kept_channels], ascending per head
 
 
 @dataclass
@@ -43,11 +50,20 @@ class ScoringInput:
 
 @dataclass
 class ScorerPress:
-    """Subclasses override `score`; higher scores are kept. Ratio = fraction of document pairs removed."""
+    """Subclasses override `score`; higher scores are kept. Ratio = fraction of document pairs removed.
+
+    A channel stage (ThinK) scores no token: its ratio is the fraction of key channels removed.
+    """
 
     name: ClassVar[str] = "base"
+    channel_stage: ClassVar[bool] = False  # True: prunes key channels after the token stages, evicts no token
     compression_ratio: float = 0.0
     budget: str = "global"
+
+    @property
+    def memory_ratio(self) -> float:
+        """Fraction of the document's K/V memory this press removes (the pair ratio for token presses)."""
+        return self.compression_ratio
 
     def score(self, run: ScoringInput) -> Scores:
         raise NotImplementedError
@@ -67,6 +83,10 @@ class ScorerPress:
         Kept separate from `score` so one scoring pass can serve several ratios (see kvstore.eval).
         """
         return select(scores, self.compression_ratio, self.budget)
+
+    def key_channels(self, run: ScoringInput, doc_keep: Masks) -> Channels | None:
+        """Key channels to store per (layer, head) once `doc_keep` is chosen; None keeps them all."""
+        return None
 
     def params(self) -> dict[str, object]:
         """Everything that changes the output: part of the content-addressed id and the blob header."""

@@ -6,10 +6,11 @@ globally or per head (`kvstore.budget.select_among`), so the kept fraction is th
 removing r1 then r2 keeps (1 - r1)(1 - r2). Later stages must use a "global" or "uniform" budget:
 structured budgets (pyramid, composite, head-level) only make sense on the full context.
 
-Extension point (ThinK and other channel pruning): such a stage removes key channels, not tokens,
-so it will not be a ScorerPress; it will run after the token stages on the surviving pairs and
-produce per-head channel masks, leaving `keep_masks` and the token ratio unchanged. The chain's
-`stages` are therefore token stages only, and `_check_stage` is where a new stage kind is admitted.
+A channel stage (ThinK, `channel_stage = True`) removes key channels, not tokens: it must come
+last, `keep_masks` skips it, and `key_channels` runs it on the pairs the token stages kept. The
+chain's ratio is the fraction of the document's K/V memory removed, 1 - prod(1 - memory_ratio):
+the pair ratio for token stages, half the channel ratio for ThinK (values keep every channel), so
+kvzip:0.75+think:0.25 keeps 0.25 * (1 - 0.125) of the K/V bytes and reports 0.78125.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from kvstore.attention import AttentionObserver
 from kvstore.budget import SURVIVOR_BUDGETS, Masks, Scores, select_among
-from kvstore.presses.base import ScorerPress, ScoringInput
+from kvstore.presses.base import Channels, ScorerPress, ScoringInput
 
 
 @dataclass
@@ -37,9 +38,15 @@ class FanOut:
         return next((out for out in outputs if out is not None), None)
 
 
-def _check_stage(stage: object, first: bool) -> None:
+def _check_stage(stage: object, first: bool, last: bool) -> None:
     if not isinstance(stage, ScorerPress) or isinstance(stage, PressChain):
         raise ValueError(f"a press chain stage must be a single eviction press, got {stage!r}")
+    if stage.channel_stage:
+        if not last:
+            raise ValueError(
+                f"{stage.name!r} prunes key channels of the pairs the token stages keep: put it last in the chain"
+            )
+        return
     if not first and stage.budget not in SURVIVOR_BUDGETS:
         raise ValueError(
             f"{stage.name!r} uses the {stage.budget!r} budget, which only applies to the full context: "
@@ -57,10 +64,11 @@ class PressChain(ScorerPress):
         if not self.stages:
             raise ValueError("a press chain needs at least one stage")
         self.stages = tuple(self.stages)
-        active = [i for i, stage in enumerate(self.stages) if stage.compression_ratio > 0.0]
+        active = [i for i, stage in enumerate(self.stages) if stage.compression_ratio > 0.0 and not stage.channel_stage]
+        last = len(self.stages) - 1
         for i, stage in enumerate(self.stages):
-            _check_stage(stage, first=not active or i <= active[0])
-        kept = math.prod(1.0 - stage.compression_ratio for stage in self.stages)
+            _check_stage(stage, first=not active or i <= active[0], last=i == last)
+        kept = math.prod(1.0 - stage.memory_ratio for stage in self.stages)
         self.compression_ratio = 1.0 - kept
 
     def watch_prefill(self, prefix_length: int, length: int) -> FanOut | None:
@@ -80,13 +88,18 @@ class PressChain(ScorerPress):
     def keep_masks(self, run: ScoringInput) -> Masks:
         masks = None
         for stage, stage_run in zip(self.stages, self._stage_runs(run), strict=True):
-            if stage.compression_ratio == 0.0:
+            if stage.compression_ratio == 0.0 or stage.channel_stage:
                 continue
             if masks is None:
                 masks = stage.keep_masks(stage_run)
             else:
                 masks = select_among(stage.score(stage_run), stage.compression_ratio, stage.budget, masks)
         return masks if masks is not None else [torch.ones_like(s, dtype=torch.bool) for s in run.zeros()]
+
+    def key_channels(self, run: ScoringInput, doc_keep: Masks) -> Channels | None:
+        """The channel stage's choice among the pairs the token stages kept (None without one)."""
+        stage, stage_run = self.stages[-1], self._stage_runs(run)[-1]
+        return stage.key_channels(stage_run, doc_keep) if stage.channel_stage else None
 
     def params(self) -> dict[str, object]:
         return {

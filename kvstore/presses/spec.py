@@ -1,7 +1,8 @@
 """Press specs, as typed on the command line: "kvzip:0.75" or "kvzip:0.75+streaming:0.5".
 
 A spec is stages joined by "+", each `name:ratio` with ratio in [0, 1) = fraction of the pairs
-still present that the stage removes. One stage gives that press, several a `PressChain`.
+still present that the stage removes (for `think`, the last stage: fraction of key channels
+removed, e.g. "kvzip:0.75+think:0.25"). One stage gives that press, several a `PressChain`.
 """
 
 from __future__ import annotations
