@@ -68,14 +68,28 @@ def test_ragged_query_blocks_give_the_same_result(monkeypatch: pytest.MonkeyPatc
     torch.testing.assert_close(blocked, whole)
 
 
-def test_fused_lse_attention_equals_math_path() -> None:
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_lse_attention_equals_math_path(causal: bool) -> None:
     from kvstore.lse_attention import attention_with_lse, attention_with_lse_math
-    from kvstore.presses.kvzip import _causal_bias
 
     gen = torch.Generator().manual_seed(3)
-    query, key, value = (torch.randn(1, 4, n, 16, generator=gen) for n in (10, 30, 30))
-    bias = _causal_bias(10, 30, torch.device("cpu"))
-    fused_out, fused_lse = attention_with_lse(query, key, value, bias, 0.25)
-    math_out, math_lse = attention_with_lse_math(query, key, value, bias, 0.25)
+    query, key, value = (torch.randn(1, 4, 12, 16, generator=gen) for _ in range(3))
+    fused_out, fused_lse = attention_with_lse(query, key, value, 0.25, causal)
+    math_out, math_lse = attention_with_lse_math(query, key, value, 0.25, causal)
     torch.testing.assert_close(fused_out, math_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused_lse, math_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_partial_attention_equals_attention_over_the_union() -> None:
+    from kvstore.lse_attention import attention_with_lse_math, merge_attention
+
+    gen = torch.Generator().manual_seed(4)
+    query, key, value = (
+        torch.randn(1, 2, 5, 8, generator=gen),
+        *(torch.randn(1, 2, 30, 8, generator=gen) for _ in range(2)),
+    )
+    whole = attention_with_lse_math(query, key, value, 0.3)
+    parts = [attention_with_lse_math(query, key[:, :, i : i + 10], value[:, :, i : i + 10], 0.3) for i in (0, 10, 20)]
+    merged = merge_attention(*parts)
+    torch.testing.assert_close(merged[0], whole[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged[1], whole[1], atol=1e-5, rtol=1e-5)
