@@ -1,0 +1,113 @@
+"""The tasks: thin calls into kvstore, so the queue adds delivery guarantees and progress, not logic.
+
+Delivery: late acks and reject-on-worker-lost (app config) mean a task whose worker dies is run
+again; that is safe because ingest is idempotent by content-addressed id (a stored part is found
+before any prefill) and the store commits a record only after its blob is complete.
+Retries with exponential backoff cover transient Redis trouble; bad input fails at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Task
+
+from kvstore.config import Settings
+from kvstore.documents import DocumentError, read_document
+from kvstore.index import IndexUnavailableError
+from kvstore.ingest import ingest_text
+from workers import runtime
+from workers.app import app
+from workers.config import ANSWER_TASK, INGEST_TASK, WorkerSettings, soft_limit
+from workers.progress import ReportingPress, ReportingStore
+
+TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, IndexUnavailableError)
+OVERRIDABLE = frozenset({"model", "press", "ratio", "quant", "blob_format"})
+PROGRESS = "PROGRESS"
+
+_limits = WorkerSettings()
+_retry: dict[str, Any] = {
+    "autoretry_for": TRANSIENT,
+    "retry_backoff": 2,
+    "retry_backoff_max": 120,
+    "retry_jitter": True,
+    "max_retries": 8,
+}
+
+
+def check_overrides(overrides: Mapping[str, object] | None) -> dict[str, object]:
+    """Per-document settings a task may change; where the store lives is the worker's business."""
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - OVERRIDABLE
+    if unknown:
+        raise ValueError(f"settings {sorted(unknown)} cannot be set per task (allowed: {sorted(OVERRIDABLE)})")
+    return overrides
+
+
+def _reporter(task: Task, source: str) -> Any:
+    def report(stage: str, **meta: object) -> None:
+        if task.request.id is not None and not task.request.is_eager:
+            task.update_state(state=PROGRESS, meta={"stage": stage, "source": source, **meta})
+
+    return report
+
+
+@app.task(
+    bind=True,
+    name=INGEST_TASK,
+    time_limit=_limits.ingest_time_limit,
+    soft_time_limit=soft_limit(_limits.ingest_time_limit),
+    **_retry,
+)
+def ingest_document(
+    self: Task,
+    text: str | None = None,
+    path: str | None = None,
+    source: str = "",
+    settings: Mapping[str, object] | None = None,
+) -> list[str]:
+    """Compress and store one document (text, or a path readable by the worker); its context ids."""
+    overrides = check_overrides(settings)
+    if text is None:
+        if not path:
+            raise DocumentError("ingest_document needs `text` or `path`")
+        try:
+            text = read_document(Path(path))
+        except OSError as exc:  # a path names a file on the worker's disk, which may not have it
+            raise DocumentError(f"{path}: cannot read it on this worker ({exc.strerror or exc})") from exc
+        source = source or path
+    report = _reporter(self, source)
+    report("tokenizing", tokens=0)
+    kv = runtime.client()
+    chosen: Settings = kv.settings.with_overrides(**overrides)
+    press = kv.press(chosen.press, chosen.ratio)  # a name or a spec such as kvzip:0.75+streaming:0.5
+    parts = ingest_text(
+        kv.model(chosen.model),
+        ReportingStore(kv.store, report),
+        text,
+        ReportingPress(press, report),
+        source=source,
+        quant=chosen.quant,
+        blob_format=chosen.blob_format,
+    )
+    return [part.record.id for part in parts]
+
+
+@app.task(
+    bind=True,
+    name=ANSWER_TASK,
+    time_limit=_limits.answer_time_limit,
+    soft_time_limit=soft_limit(_limits.answer_time_limit),
+    **_retry,
+)
+def answer_questions(self: Task, ref: str, questions: list[str], max_new_tokens: int | None = None) -> list[str]:
+    """Answer a batch of questions against one stored context (an id, a unique prefix or a path)."""
+    if not questions:
+        return []
+    kv = runtime.client()
+    if max_new_tokens is None:
+        return kv.ask_many(ref, list(questions))
+    return kv.ask_many(ref, list(questions), max_new_tokens)
