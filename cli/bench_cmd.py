@@ -14,6 +14,7 @@ from rich.table import Table
 
 from cli.console import make_console
 from cli.eval_cmd import parse_numbers, parse_spec
+from cli.options import haystack_option
 from kvstore.cache import CompressedCache
 from kvstore.config import Settings
 from kvstore.eval.haystack import filler, tokenizer_counter
@@ -54,12 +55,7 @@ THROUGHPUT_QUESTIONS = [
     callback=parse_numbers,
     help="ask_many batch sizes for the throughput table (against the first length's context).",
 )
-@click.option(
-    "--haystack",
-    type=click.Path(exists=True, file_okay=False),
-    default=None,
-    help="Folder of .txt files for the documents (default: generated text).",
-)
+@haystack_option
 @click.option(
     "--out",
     type=click.Path(file_okay=False),

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cli.console import make_console
+from cli.options import haystack_option
 from kvstore.config import Settings
 from kvstore.eval.haystack import tokenizer_counter
 from kvstore.eval.report import plot_accuracy, summarize, write_results
@@ -92,12 +93,7 @@ def _names(choices: list[str]) -> Callable[[click.Context, click.Parameter, str]
     callback=parse_numbers,
     help="Comma-separated context lengths in tokens.",
 )
-@click.option(
-    "--haystack",
-    type=click.Path(exists=True, file_okay=False),
-    default=None,
-    help="Folder of .txt files for filler text (default: generated text).",
-)
+@haystack_option
 @click.option("--quant", default="none", show_default=True, type=click.Choice(sorted(QUANT_BITS)))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--max-new-tokens", default=32, show_default=True)

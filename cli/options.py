@@ -75,3 +75,13 @@ def compression_options(func: F) -> F:
 def open_client(home: str | None = None, **overrides: object) -> KVStore:
     """A client from the environment, with the command's flags on top (None = not given)."""
     return KVStore(home=Path(home).expanduser() if home else None, **overrides)
+
+
+def haystack_option(func: F) -> F:
+    """--haystack: where eval and bench take filler text from."""
+    return click.option(
+        "--haystack",
+        type=click.Path(exists=True, file_okay=False),
+        default=None,
+        help="Folder of .txt files for the filler text (default: generated text).",
+    )(func)

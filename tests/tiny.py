@@ -52,35 +52,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-CONFIGS = {
-    "llama": lambda v: LlamaConfig(
-        vocab_size=v,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-    ),
-    "qwen2": lambda v: Qwen2Config(
-        vocab_size=v,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-    ),
-    "qwen3": lambda v: Qwen3Config(
-        vocab_size=v,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=4096,
-    ),
+_COMMON = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_key_value_heads=2, max_position_embeddings=4096
+)
+CONFIGS = {  # GQA everywhere; Qwen2 adds q/k/v biases, Qwen3 q/k norms and an explicit head_dim
+    "llama": lambda v: LlamaConfig(vocab_size=v, num_attention_heads=4, **_COMMON),
+    "qwen2": lambda v: Qwen2Config(vocab_size=v, num_attention_heads=6, **_COMMON),
+    "qwen3": lambda v: Qwen3Config(vocab_size=v, num_attention_heads=4, head_dim=16, **_COMMON),
 }
 
 
