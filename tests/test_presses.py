@@ -15,6 +15,7 @@ from kvstore.compressor import compress, prefill_context
 from kvstore.decode import answer_many
 from kvstore.prefill import prefill
 from kvstore.presses import (
+    PRESSES,
     H2OPress,
     KVComposePress,
     KVzipHeadPress,
@@ -226,3 +227,13 @@ def test_every_press_keeps_its_count_and_decodes(name: str) -> None:
     cache = CompressedCache(compressed)
     answers = answer_many(loaded, cache, ["the vault", "users"], max_new_tokens=4)
     assert len(answers) == 2 and cache.get_seq_length() == compressed.original_length
+
+
+@pytest.mark.parametrize("name", sorted(set(PRESSES) - {"none", "think"}))
+def test_scoring_once_then_cutting_equals_keep_masks(name: str, loaded) -> None:
+    """The eval scores once and cuts at several ratios: every press must cut the same way both routes."""
+    press = make_press(name, 0.6)
+    run = prefill_context(loaded, sample_text(120, seed=3), press)
+    direct = press.keep_masks(run)
+    reused = press.masks_from_scores(press.score(run), run)
+    assert all(torch.equal(a, b) for a, b in zip(direct, reused, strict=True))

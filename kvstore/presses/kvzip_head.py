@@ -95,10 +95,8 @@ class KVzipHeadPress(ScorerPress):
         order[: self.n_sink] = 2.0
         return [order.to(s.device).expand_as(s).clone() for s in run.zeros()]
 
-    def keep_masks(self, run: ScoringInput) -> Masks:
-        scores = self.score(run)
-        if self.compression_ratio == 0.0:
-            return [torch.ones_like(s, dtype=torch.bool) for s in scores]
+    def masks_from_scores(self, scores: Scores, run: ScoringInput) -> Masks:
+        """Whole heads keep everything, the rest sinks + recent window, ranked by head importance."""
         importance = head_importance(run.loaded)
         kept = kept_count(importance.numel() * run.doc_length, self.compression_ratio)
         counts = head_counts(importance, run.doc_length, kept, self.n_sink + self.window)

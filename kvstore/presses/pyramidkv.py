@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from kvstore.budget import Masks, pyramid_budget
+from kvstore.budget import Masks, Scores, pyramid_budget
 from kvstore.presses.base import ScoringInput
 from kvstore.presses.snapkv import SnapKVPress
 
@@ -29,7 +27,5 @@ class PyramidKVPress(SnapKVPress):
         if self.beta < 1.0:
             raise ValueError(f"pyramidkv beta must be >= 1, got {self.beta}")
 
-    def keep_masks(self, run: ScoringInput) -> Masks:
-        if self.compression_ratio == 0.0:
-            return [torch.ones_like(s, dtype=torch.bool) for s in run.zeros()]
-        return pyramid_budget(self.score(run), self.compression_ratio, self.beta)
+    def masks_from_scores(self, scores: Scores, run: ScoringInput) -> Masks:
+        return pyramid_budget(scores, self.compression_ratio, self.beta)
