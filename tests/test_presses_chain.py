@@ -20,7 +20,7 @@ from kvstore.presses import (
     parse_press_spec,
     press_spec,
 )
-from kvstore.presses import received as received_module
+from kvstore.presses import watch as watch_module
 from kvstore.presses.chain import FanOut
 from tests.tiny import sample_text, tiny_model
 
@@ -69,7 +69,7 @@ def test_chain_of_observer_presses_shares_one_prefill(loaded, monkeypatch) -> No
     def no_replay(*args, **kwargs):
         raise AssertionError("the stages should use what they watched during the prefill")
 
-    monkeypatch.setattr(received_module, "prefill", no_replay)
+    monkeypatch.setattr(watch_module, "prefill", no_replay)
     masks = chain.keep_masks(run)
     assert _doc_pairs(masks) == sum(
         kept_count(kept_count(run.doc_length, 0.5), 0.5) * m.shape[0] for m in masks

@@ -20,7 +20,7 @@ from kvstore.decode import answer_many
 from kvstore.index import ContextIndex
 from kvstore.prefill import prefill
 from kvstore.presses import NoPress, PressChain, ThinKPress, make_press, parse_press_spec, press_spec
-from kvstore.presses import think as think_module
+from kvstore.presses import watch as watch_module
 from kvstore.presses.chain import FanOut
 from kvstore.presses.think import QueryWindow, channel_scores, top_channels
 from kvstore.quant import KEYS_AXIS, VALUES_AXIS, bits_for, half_step, quantize
@@ -202,7 +202,7 @@ def test_chain_stages_share_one_prefill(loaded, monkeypatch) -> None:
     def no_replay(*args, **kwargs):
         raise AssertionError("think should use the queries it watched during the prefill")
 
-    monkeypatch.setattr(think_module, "prefill", no_replay)
+    monkeypatch.setattr(watch_module, "prefill", no_replay)
     masks = chain.keep_masks(run)
     assert all(c.shape == (2, 8) for c in chain.key_channels(run, masks))
 

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvstore.attention import observing
-from kvstore.prefill import prefill
 from kvstore.presses.base import ScoringInput
+from kvstore.presses.watch import watched_or_replayed, watched_rows
 
 _MAX_SCORE_ELEMENTS = 1 << 24
 GROUP_REDUCTIONS = ("mean", "max")
@@ -33,14 +32,12 @@ class ReceivedAttention:
     def observe(
         self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
     ) -> None:
-        if query.shape[0] != 1:
-            raise ValueError("prefill attention is observed for a single sequence (batch size 1)")
-        q_heads, q_len, dim = query.shape[1:]
-        kv_heads, k_len = key.shape[1], key.shape[2]
-        start = k_len - q_len  # absolute position of the chunk's first query row
-        first = max(start, self.first_query)
-        if k_len > self.length or first >= k_len:
+        rows = watched_rows(query, key, self.length, self.first_query)
+        if rows is None:
             return None
+        start, first = rows
+        q_heads, dim = query.shape[1], query.shape[3]
+        kv_heads, k_len = key.shape[1], key.shape[2]
         if layer_idx not in self.sums:
             self.sums[layer_idx] = torch.zeros(q_heads, self.length, dtype=torch.float32, device=key.device)
         groups = q_heads // kv_heads
@@ -67,15 +64,5 @@ class ReceivedAttention:
 
 
 def received_attention(run: ScoringInput, first_query: int) -> ReceivedAttention:
-    """The run's own observer when it watched these rows; otherwise replay the prefill under a new one.
-
-    Replaying costs one more prefill (into a throwaway cache) but lets a press score a context that
-    was prefilled without it watching (eval sweeps, chains built after the fact).
-    """
-    observer = run.prefill_observer
-    if isinstance(observer, ReceivedAttention) and (observer.length, observer.first_query) == (run.length, first_query):
-        return observer
-    observer = ReceivedAttention(run.length, first_query)
-    with observing(observer):
-        prefill(run.loaded.model, run.input_ids)
-    return observer
+    """Attention received from rows >= first_query: watched during the prefill, or replayed."""
+    return watched_or_replayed(run, ReceivedAttention, first_query)

@@ -18,10 +18,9 @@ from typing import ClassVar
 
 import torch
 
-from kvstore.attention import observing
 from kvstore.budget import Masks, Scores, kept_count
-from kvstore.prefill import prefill
 from kvstore.presses.base import Channels, ScorerPress, ScoringInput
+from kvstore.presses.watch import watched_or_replayed, watched_rows
 
 
 @dataclass
@@ -35,13 +34,10 @@ class QueryWindow:
     def observe(
         self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
     ) -> None:
-        if query.shape[0] != 1:
-            raise ValueError("prefill queries are observed for a single sequence (batch size 1)")
-        q_len, k_len = query.shape[2], key.shape[2]
-        start = k_len - q_len  # absolute position of the chunk's first query row
-        first = max(start, self.first_query)
-        if k_len > self.length or first >= k_len:
+        rows = watched_rows(query, key, self.length, self.first_query)
+        if rows is None:
             return None
+        start, first = rows
         sums = query[0, :, first - start :].float().square().sum(dim=1)
         previous = self.squares.get(layer_idx)
         self.squares[layer_idx] = sums if previous is None else previous + sums
@@ -54,14 +50,8 @@ class QueryWindow:
 
 
 def query_window(run: ScoringInput, first_query: int) -> QueryWindow:
-    """The run's own observer when it watched these rows; otherwise replay the prefill under a new one."""
-    observer = run.prefill_observer
-    if isinstance(observer, QueryWindow) and (observer.length, observer.first_query) == (run.length, first_query):
-        return observer
-    observer = QueryWindow(run.length, first_query)
-    with observing(observer):
-        prefill(run.loaded.model, run.input_ids)
-    return observer
+    """Squared query sums of rows >= first_query: watched during the prefill, or replayed."""
+    return watched_or_replayed(run, QueryWindow, first_query)
 
 
 def channel_scores(query_norms: torch.Tensor, doc_keys: torch.Tensor, doc_keep: torch.Tensor) -> torch.Tensor:
