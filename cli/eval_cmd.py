@@ -172,3 +172,21 @@ def _table(results: list[CaseResult]) -> Table:
             f"{row.score_over_prefill:.2f}x" if row.score_over_prefill else "-",
         )
     return table
+
+
+@click.command("report")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Where the merged files go.")
+def report_command(results: tuple[str, ...], out: str) -> None:
+    """Rebuild the table, results.json, summary.csv and plots from results.jsonl files of eval runs.
+
+    Merges sweeps split across processes or machines, and finishes the report of an interrupted run.
+
+    \b
+    Example:
+        kvstore report results/run-a/results.jsonl results/run-b/results.jsonl --out results/merged
+    """
+    cases = [CaseResult(**json.loads(line)) for path in results for line in Path(path).read_text().splitlines() if line]
+    files = write_results(cases, Path(out)) + plot_accuracy(cases, Path(out))
+    console.print(_table(cases))
+    console.print("wrote " + ", ".join(str(f) for f in files))

@@ -8,7 +8,7 @@ import transformers
 from cli.bench_cmd import bench
 from cli.context_cmds import ask, gc, list_contexts, remove, show, stats
 from cli.errors import FriendlyGroup
-from cli.eval_cmd import evaluate_command
+from cli.eval_cmd import evaluate_command, report_command
 from cli.ingest_cmd import ingest
 from cli.worker_cmds import status_cmd, submit_cmd, worker
 
@@ -41,6 +41,7 @@ COMMANDS = (
     gc,
     stats,
     evaluate_command,
+    report_command,
     bench,
     worker,
     submit_cmd,

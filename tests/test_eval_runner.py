@@ -44,6 +44,13 @@ def test_tiny_eval_stores_every_context_and_reports(store_home: Path, tmp_path: 
     assert len(json.loads(files[0].read_text())) == len(results)
     assert files[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    halves = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]  # a sweep split over two processes
+    for half, part in zip(halves, (results[:7], results[7:]), strict=True):
+        half.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in part))
+    merged = CliRunner().invoke(main, ["report", *map(str, halves), "--out", str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.output
+    assert json.loads((tmp_path / "merged" / "results.json").read_text()) == json.loads(files[0].read_text())
+
 
 @pytest.mark.model
 def test_eval_and_bench_commands_write_their_files(store_home: Path, tmp_path: Path) -> None:
