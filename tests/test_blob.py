@@ -24,26 +24,9 @@ from kvstore.blob import (
     format_for_path,
     read_blob,
 )
-from kvstore.compressed import CompressedKV, CompressedLayer
+from kvstore.compressed import CompressedKV
 from kvstore.quant import KEYS_AXIS, VALUES_AXIS, bits_for, half_step, quantize
-
-PRESS = {"press": "kvzip", "compression_ratio": 0.75, "budget": "global", "chunk_size": 2000}
-
-
-def random_compressed(
-    layers: int = 3, kv_heads: int = 3, head_dim: int = 16, length: int = 80, dtype=torch.float32, seed: int = 0
-) -> CompressedKV:
-    """A synthetic compressed context with random per-head lengths (the template prefix always kept)."""
-    generator = torch.Generator().manual_seed(seed)
-    packed = []
-    for _ in range(layers):
-        keep = torch.rand(kv_heads, length, generator=generator) < torch.rand(kv_heads, 1, generator=generator)
-        keep[:, :4] = True
-        keys = torch.randn(kv_heads, length, head_dim, generator=generator) * 2
-        values = torch.randn(kv_heads, length, head_dim, generator=generator)
-        packed.append(CompressedLayer.from_dense(keys.to(dtype), values.to(dtype), keep))
-    token_ids = torch.randint(0, 1000, (length,), generator=generator, dtype=torch.int32)
-    return CompressedKV(packed, token_ids, prefix_length=4)
+from tests.factories import PRESS, random_compressed
 
 
 def header_for(compressed: CompressedKV, quant: str = "none", fingerprint: str = "fp-a") -> BlobHeader:

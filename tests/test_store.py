@@ -27,7 +27,7 @@ from kvstore.blob import (
     BlobModelError,
     SafetensorsFormat,
 )
-from kvstore.compressed import CompressedKV, CompressedLayer
+from kvstore.compressed import CompressedKV
 from kvstore.config import Settings
 from kvstore.index import ContextIndex, IndexUnavailableError
 from kvstore.store import (
@@ -38,24 +38,11 @@ from kvstore.store import (
     context_id,
     document_sha256,
 )
+from tests.factories import PRESS, random_compressed
+from tests.tiny import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["embedded"] + (["server"] if os.environ.get("KVSTORE_REDIS_URL") else [])
-PRESS = {"press": "kvzip", "compression_ratio": 0.75, "budget": "global", "chunk_size": 2000}
-
-
-def random_compressed(layers: int = 3, kv_heads: int = 3, head_dim: int = 16, length: int = 80, seed: int = 0):
-    """A synthetic compressed context with random per-head lengths (the template prefix always kept)."""
-    generator = torch.Generator().manual_seed(seed)
-    packed = []
-    for _ in range(layers):
-        keep = torch.rand(kv_heads, length, generator=generator) < torch.rand(kv_heads, 1, generator=generator)
-        keep[:, :4] = True
-        keys = torch.randn(kv_heads, length, head_dim, generator=generator)
-        values = torch.randn(kv_heads, length, head_dim, generator=generator)
-        packed.append(CompressedLayer.from_dense(keys, values, keep))
-    token_ids = torch.randint(0, 1000, (length,), generator=generator, dtype=torch.int32)
-    return CompressedKV(packed, token_ids, prefix_length=4)
 
 
 def make_meta(**changes: object) -> ContextMeta:
@@ -396,41 +383,6 @@ def test_concurrent_processes_leave_one_blob_and_one_record(target: Target, tmp_
 # -- decoding after a round trip -------------------------------------------------------------------
 
 
-def tiny_model():
-    """A random 2-layer Llama with a byte-level tokenizer and a ChatML template: no files, no network."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from kvstore.models import prepare_model
-
-    specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab.update({token: len(vocab) + i for i, token in enumerate(specials)})
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(specials)
-    template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=template
-    )
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=2048,
-    )
-    torch.manual_seed(0)
-    return prepare_model("tiny-llama", LlamaForCausalLM(config), tokenizer)
-
-
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Tiny matmuls run faster on one thread than on two contended ones; restore afterwards."""
@@ -449,7 +401,7 @@ def test_decoding_after_a_round_trip_gives_the_same_answers(
     from kvstore.decode import answer_many
     from kvstore.presses import make_press
 
-    loaded = tiny_model()
+    loaded = tiny_model("llama")
     text = "The hidden number is 7341. The sky over the harbour was grey all week. " * 4
     press = make_press("kvzip", 0.5)
     compressed = compress(loaded, text, press)

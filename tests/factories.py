@@ -1,0 +1,25 @@
+"""Synthetic compressed contexts for blob and store tests: no model needed."""
+
+from __future__ import annotations
+
+import torch
+
+from kvstore.compressed import CompressedKV, CompressedLayer
+
+PRESS = {"press": "kvzip", "compression_ratio": 0.75, "budget": "global", "chunk_size": 2000}
+
+
+def random_compressed(
+    layers: int = 3, kv_heads: int = 3, head_dim: int = 16, length: int = 80, dtype=torch.float32, seed: int = 0
+) -> CompressedKV:
+    """A synthetic compressed context with random per-head lengths (the template prefix always kept)."""
+    generator = torch.Generator().manual_seed(seed)
+    packed = []
+    for _ in range(layers):
+        keep = torch.rand(kv_heads, length, generator=generator) < torch.rand(kv_heads, 1, generator=generator)
+        keep[:, :4] = True
+        keys = torch.randn(kv_heads, length, head_dim, generator=generator) * 2
+        values = torch.randn(kv_heads, length, head_dim, generator=generator)
+        packed.append(CompressedLayer.from_dense(keys.to(dtype), values.to(dtype), keep))
+    token_ids = torch.randint(0, 1000, (length,), generator=generator, dtype=torch.int32)
+    return CompressedKV(packed, token_ids, prefix_length=4)
