@@ -73,7 +73,7 @@ def plot_accuracy(results: Sequence[CaseResult], out_dir: Path) -> list[Path]:
     paths = []
     rows = summarize(results, by="family")
     for family in sorted({row.group for row in rows}):
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        fig, ax = plt.subplots(figsize=(7.5, 3.8))
         family_rows = [row for row in rows if row.group == family]
         for method in sorted({row.method for row in family_rows} - {FULL}):
             points = sorted((row.ratio, row.accuracy) for row in family_rows if row.method == method)
@@ -87,7 +87,7 @@ def plot_accuracy(results: Sequence[CaseResult], out_dir: Path) -> list[Path]:
             ylim=(-0.05, 1.05),
             title=f"{family} tasks",
         )
-        ax.legend(loc="lower left")
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")
         fig.tight_layout()
         path = out_dir / f"accuracy_{family}.png"
         fig.savefig(path, dpi=120)
