@@ -11,19 +11,18 @@ from kvstore.compressed import CompressedKV, CompressedLayer
 from kvstore.models import LoadedModel
 from kvstore.prefill import prefill
 from kvstore.presses.base import Channels, ScorerPress, ScoringInput
-from kvstore.prompt import ChatFrame
 
 
 def prefill_context(loaded: LoadedModel, document: str, press: ScorerPress | None = None) -> ScoringInput:
     """Frame and prefill a document (letting `press` watch if it wants); the result is what presses score."""
-    frame = ChatFrame.for_tokenizer(loaded.tokenizer)
+    frame = loaded.frame
     input_ids = frame.context_ids(document)
     if input_ids.shape[1] == len(frame.head_ids):
         raise ValueError("the document is empty after tokenization")
     observer = press.watch_prefill(len(frame.head_ids), input_ids.shape[1]) if press is not None else None
     with observing(observer) if observer is not None else nullcontext():
         cache = prefill(loaded.model, input_ids)
-    return ScoringInput(loaded, frame, cache, input_ids, len(frame.head_ids), observer)
+    return ScoringInput(loaded, cache, input_ids, len(frame.head_ids), observer)
 
 
 def pack(run: ScoringInput, doc_keep: list[torch.Tensor], key_channels: Channels | None = None) -> CompressedKV:

@@ -8,7 +8,6 @@ import torch
 
 from kvstore.cache import CompressedCache
 from kvstore.models import LoadedModel
-from kvstore.prompt import ChatFrame
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -70,7 +69,7 @@ def answer_many(
     loaded: LoadedModel, cache: CompressedCache, questions: list[str], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 ) -> list[str]:
     """Decode all questions as one batch against the shared compressed prefix."""
-    frame = ChatFrame.for_tokenizer(loaded.tokenizer)
+    frame = loaded.frame
     stop_ids = frame.stop_ids()
     rows: list[list[int]] = [[] for _ in questions]
     finished = [False] * len(questions)
@@ -87,7 +86,7 @@ def stream_answer(
     loaded: LoadedModel, cache: CompressedCache, question: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 ) -> Iterator[str]:
     """Yield the answer's text as it is decoded."""
-    frame = ChatFrame.for_tokenizer(loaded.tokenizer)
+    frame = loaded.frame
     stop_ids = frame.stop_ids()
     tokens: list[int] = []
     shown = ""

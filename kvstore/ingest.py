@@ -9,7 +9,7 @@ from kvstore.documents import DocumentError, split_paragraphs
 from kvstore.index import ContextRecord
 from kvstore.models import LoadedModel
 from kvstore.presses.base import ScorerPress
-from kvstore.prompt import ChatFrame, encode
+from kvstore.prompt import encode
 from kvstore.store import ContextMeta, ContextStore, context_id, document_sha256
 
 # Room left in the model's window for the question and the answer.
@@ -25,7 +25,7 @@ class IngestedPart:
 def max_document_tokens(loaded: LoadedModel) -> int:
     """Longest document part that still leaves room for the template, a question and an answer."""
     window = getattr(loaded.model.config, "max_position_embeddings", 8192)
-    frame = ChatFrame.for_tokenizer(loaded.tokenizer)
+    frame = loaded.frame
     return max(64, window - len(frame.head_ids) - ANSWER_RESERVE_TOKENS)
 
 
@@ -42,7 +42,7 @@ def ingest_text(
     """Store `text` as one context, or several linked parts when it exceeds the model's window."""
     if not text.strip():
         raise DocumentError(f"{source or 'text'}: the document is empty")
-    frame = ChatFrame.for_tokenizer(loaded.tokenizer)
+    frame = loaded.frame
     limit = max_tokens or max_document_tokens(loaded)
     parts = split_paragraphs(text, lambda t: len(encode(loaded.tokenizer, t)), limit)
     doc_sha = document_sha256(text)

@@ -9,6 +9,7 @@ import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from kvstore.attention import ATTENTION_NAME
 from kvstore.config import Settings
+from kvstore.prompt import ChatFrame
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,11 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @cached_property
+    def frame(self) -> ChatFrame:
+        """The chat template split around the user content, rendered once per model."""
+        return ChatFrame.for_tokenizer(self.tokenizer)
 
 
 def resolve_device(device: str) -> torch.device:

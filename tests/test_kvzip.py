@@ -65,7 +65,7 @@ def test_kvzip_scores_equal_naive_reference_across_chunks() -> None:
     run = prefill_context(loaded, sample_text(120, seed=2))
     press = KVzipPress(compression_ratio=0.5, chunk_size=40)
     ours = press.score(run)
-    expected = _naive_kvzip_scores(loaded, run.input_ids, run.prefix_length, 40, run.frame.tail_ids)
+    expected = _naive_kvzip_scores(loaded, run.input_ids, run.prefix_length, 40, loaded.frame.tail_ids)
     assert run.doc_length > 80  # several chunks, so the quoted-overlap prompt is exercised
     for layer_ours, layer_expected in zip(ours, expected, strict=True):
         torch.testing.assert_close(layer_ours, layer_expected, atol=1e-5, rtol=1e-4)

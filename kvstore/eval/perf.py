@@ -20,7 +20,6 @@ from kvstore.decode import answer_many, greedy_tokens
 from kvstore.models import LoadedModel
 from kvstore.prefill import prefill
 from kvstore.presses import make_press, parse_press_spec
-from kvstore.prompt import ChatFrame
 from kvstore.store import ContextMeta, ContextStore
 
 QUESTION = "What is the main point of the text?"
@@ -96,7 +95,7 @@ def measure_length(
     decode_tokens: int = 32,
 ) -> PerfRow:
     """Every stage once for one document (run a warm-up length first to exclude one-time costs)."""
-    frame = ChatFrame.for_tokenizer(loaded.tokenizer)
+    frame = loaded.frame
     question_ids = frame.question_ids(QUESTION)
     press = parse_press_spec(press_spec, ratio)
     run, prefill_s = _timed(loaded, lambda: prefill_context(loaded, document, press))

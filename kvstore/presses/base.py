@@ -16,7 +16,6 @@ from transformers import DynamicCache
 from kvstore.attention import AttentionObserver
 from kvstore.budget import Masks, Scores, select
 from kvstore.models import LoadedModel
-from kvstore.prompt import ChatFrame
 
 Channels = list[torch.Tensor]  # per layer: int32 [kv_heads, kept_channels], ascending per head
 
@@ -26,7 +25,6 @@ class ScoringInput:
     """A prefilled context as a press sees it: the document starts at `prefix_length`."""
 
     loaded: LoadedModel
-    frame: ChatFrame
     cache: DynamicCache
     input_ids: torch.Tensor  # [1, T]
     prefix_length: int

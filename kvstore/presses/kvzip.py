@@ -92,11 +92,11 @@ class KVzipPress(ScorerPress):
     quoted_tokens: int = 8
 
     def _prompt_ids(self, run: ScoringInput, previous_chunk: torch.Tensor | None) -> list[int]:
-        tokenizer = run.frame.tokenizer
+        tokenizer = run.loaded.frame.tokenizer
         if previous_chunk is None:
-            return encode(tokenizer, FIRST_PROMPT) + run.frame.tail_ids
+            return encode(tokenizer, FIRST_PROMPT) + run.loaded.frame.tail_ids
         quoted = previous_chunk[-self.quoted_tokens :].tolist()
-        return encode(tokenizer, NEXT_PROMPT) + quoted + run.frame.tail_ids
+        return encode(tokenizer, NEXT_PROMPT) + quoted + run.loaded.frame.tail_ids
 
     @torch.inference_mode()
     def score(self, run: ScoringInput) -> Scores:

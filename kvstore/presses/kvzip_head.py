@@ -24,7 +24,6 @@ from kvstore.models import LoadedModel
 from kvstore.prefill import prefill
 from kvstore.presses.base import ScorerPress, ScoringInput
 from kvstore.presses.kvzip import KVzipPress
-from kvstore.prompt import ChatFrame
 
 CALIBRATION_TEXT = (
     "The lighthouse keeper wrote in her logbook every evening. On the third of March the wind turned north, "
@@ -48,9 +47,9 @@ def head_importance(loaded: LoadedModel, text: str = CALIBRATION_TEXT) -> torch.
     key = (loaded.fingerprint, loaded.tokenizer_fingerprint) if text == CALIBRATION_TEXT else None
     if key in _IMPORTANCE:
         return _IMPORTANCE[key]
-    frame = ChatFrame.for_tokenizer(loaded.tokenizer)
+    frame = loaded.frame
     input_ids = frame.context_ids(text)
-    run = ScoringInput(loaded, frame, prefill(loaded.model, input_ids), input_ids, len(frame.head_ids))
+    run = ScoringInput(loaded, prefill(loaded.model, input_ids), input_ids, len(frame.head_ids))
     importance = torch.stack([s.amax(dim=-1) for s in KVzipPress().score(run)]).float().cpu()
     if key is not None:
         _IMPORTANCE[key] = importance
