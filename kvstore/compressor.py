@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -39,8 +40,17 @@ def pack(run: ScoringInput, doc_keep: list[torch.Tensor], key_channels: Channels
     return CompressedKV(layers, run.input_ids[0].to(torch.int32).cpu(), run.prefix_length)
 
 
-def compress(loaded: LoadedModel, document: str, press: ScorerPress) -> CompressedKV:
-    """Token selection first, then the press's channel stage (ThinK) on the pairs it kept."""
+def compress(
+    loaded: LoadedModel, document: str, press: ScorerPress, on_stage: Callable[[str], None] | None = None
+) -> CompressedKV:
+    """Token selection first, then the press's channel stage (ThinK) on the pairs it kept.
+
+    `on_stage` hears "prefilling" and "scoring" as each starts (workers publish them as progress).
+    """
+    if on_stage is not None:
+        on_stage("prefilling")
     run = prefill_context(loaded, document, press)
+    if on_stage is not None:
+        on_stage("scoring")
     doc_keep = press.keep_masks(run)
     return pack(run, doc_keep, press.key_channels(run, doc_keep))

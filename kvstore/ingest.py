@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from kvstore.compressor import compress
 from kvstore.documents import DocumentError, split_paragraphs
@@ -11,6 +12,16 @@ from kvstore.models import LoadedModel
 from kvstore.presses.base import ScorerPress
 from kvstore.prompt import encode
 from kvstore.store import ContextMeta, ContextStore, context_id, document_sha256
+
+# What ingest reports as it goes, in order (after "tokenizing", which happens before any part).
+STAGES = ("tokenizing", "prefilling", "scoring", "writing")
+
+
+class StageReport(Protocol):
+    """Told when a stage of a document part starts: for progress bars and worker task states."""
+
+    def __call__(self, stage: str, *, tokens: int, part: int) -> None: ...
+
 
 # Room left in the model's window for the question and the answer.
 ANSWER_RESERVE_TOKENS = 512
@@ -38,6 +49,7 @@ def ingest_text(
     quant: str | None = None,
     blob_format: str | None = None,
     max_tokens: int | None = None,
+    report: StageReport | None = None,
 ) -> list[IngestedPart]:
     """Store `text` as one context, or several linked parts when it exceeds the model's window."""
     if not text.strip():
@@ -58,10 +70,18 @@ def ingest_text(
             part=number,
             parts=len(parts),
         )
-        existing = store.get(context_id(loaded.fingerprint, frame.context_ids(part), meta.press, quant))
+        token_ids = frame.context_ids(part)
+        existing = store.get(context_id(loaded.fingerprint, token_ids, meta.press, quant))
         if existing is not None:
             results.append(IngestedPart(existing, False))
             continue
-        record, created = store.put(compress(loaded, part, press), meta, quant=quant, blob_format=blob_format)
+
+        def on_stage(stage: str, tokens: int = token_ids.shape[1], part_number: int = number) -> None:
+            if report is not None:
+                report(stage, tokens=tokens, part=part_number)
+
+        compressed = compress(loaded, part, press, on_stage)
+        on_stage("writing")
+        record, created = store.put(compressed, meta, quant=quant, blob_format=blob_format)
         results.append(IngestedPart(record, created))
     return results

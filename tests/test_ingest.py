@@ -68,3 +68,29 @@ def test_long_document_is_stored_as_linked_parts_and_not_recomputed(
         again = ingest_text(loaded, store, text, press, source="long.txt", max_tokens=150)
         assert [p.record.id for p in again] == [r.id for r in records] and not any(p.created for p in again)
         assert len(store.list()) == len(records)
+
+
+def test_stages_are_reported_per_part_and_not_for_stored_parts(store_home: Path) -> None:
+    loaded = tiny_model("llama")
+    text = "\n\n".join(sample_text(60, seed=i) for i in range(4))
+    heard: list[tuple[str, int]] = []
+    with ContextStore.open() as store:
+        parts = ingest_text(
+            loaded,
+            store,
+            text,
+            make_press("kvzip", 0.5),
+            max_tokens=150,
+            report=lambda stage, tokens, part: heard.append((stage, part)),
+        )
+        assert heard == [(stage, n) for n in range(len(parts)) for stage in ("prefilling", "scoring", "writing")]
+        heard.clear()
+        ingest_text(
+            loaded,
+            store,
+            text,
+            make_press("kvzip", 0.5),
+            max_tokens=150,
+            report=lambda stage, tokens, part: heard.append((stage, part)),
+        )
+        assert heard == []  # everything was already stored: no stage runs

@@ -16,9 +16,9 @@ from typing import Any
 from celery import Celery, group
 from celery.result import GroupResult
 
+from kvstore.ingest import STAGES
 from workers.app import producer
 from workers.config import ANSWER_TASK, INGEST_TASK, WorkerSettings
-from workers.progress import STAGES
 
 JOB_KEY = "kvstore:jobs:"
 # Rough share of a document's work done when a stage starts (for progress bars).
@@ -41,7 +41,7 @@ class Document:
 class DocumentStatus:
     source: str
     task_id: str
-    state: str  # queued, started, retrying, one of progress.STAGES, done, failed
+    state: str  # queued, started, retrying, one of kvstore.ingest.STAGES, done, failed
     tokens: int = 0
     part: int = 0
     context_ids: list[str] = field(default_factory=list)

@@ -22,7 +22,6 @@ from kvstore.ingest import ingest_text
 from workers import runtime
 from workers.app import app
 from workers.config import ANSWER_TASK, INGEST_TASK, WorkerSettings, soft_limit
-from workers.progress import ReportingPress, ReportingStore
 
 TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, IndexUnavailableError)
 OVERRIDABLE = frozenset({"model", "press", "ratio", "quant", "blob_format"})
@@ -86,12 +85,13 @@ def ingest_document(
     press = kv.press(chosen.press, chosen.ratio)  # a name or a spec such as kvzip:0.75+streaming:0.5
     parts = ingest_text(
         kv.model(chosen.model),
-        ReportingStore(kv.store, report),
+        kv.store,
         text,
-        ReportingPress(press, report),
+        press,
         source=source,
         quant=chosen.quant,
         blob_format=chosen.blob_format,
+        report=report,
     )
     return [part.record.id for part in parts]
 
