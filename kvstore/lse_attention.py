@@ -26,8 +26,8 @@ def attention_with_lse_math(
 def attention_with_lse(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, causal: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output [B, H, q, D], logsumexp [B, H, q] in float32); fused on CPU, plain math elsewhere."""
-    if query.device.type == "cpu" and query.dtype == torch.float32:
+    """(output [B, H, q, D], logsumexp [B, H, q] in float32); fused on CPU (float32, bfloat16), plain math elsewhere."""
+    if query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16):
         output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, 0.0, causal, attn_mask=None, scale=scale
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvstore.attention import observing
@@ -63,13 +64,33 @@ def _naive_kvzip_scores(loaded, input_ids: torch.Tensor, prefix_len: int, chunk:
 def test_kvzip_scores_equal_naive_reference_across_chunks() -> None:
     loaded = tiny_model("llama", seed=11)
     run = prefill_context(loaded, sample_text(120, seed=2))
-    press = KVzipPress(compression_ratio=0.5, chunk_size=40)
+    press = KVzipPress(compression_ratio=0.5, chunk_size=40, precision="model")
     ours = press.score(run)
     expected = _naive_kvzip_scores(loaded, run.input_ids, run.prefix_length, 40, loaded.frame.tail_ids)
     assert run.doc_length > 80  # several chunks, so the quoted-overlap prompt is exercised
     for layer_ours, layer_expected in zip(ours, expected, strict=True):
         torch.testing.assert_close(layer_ours, layer_expected, atol=1e-5, rtol=1e-4)
     assert run.cache.get_seq_length() == run.length  # reconstruction tokens were removed
+
+
+def test_bfloat16_scoring_stays_close_to_the_exact_scores_and_keeps_nearly_the_same_pairs() -> None:
+    loaded = tiny_model("qwen3", seed=5)
+    run = prefill_context(loaded, sample_text(120, seed=4))
+    exact = KVzipPress(compression_ratio=0.5, chunk_size=40, precision="model")
+    fast = KVzipPress(compression_ratio=0.5, chunk_size=40)  # bfloat16 is the default
+    exact_scores, fast_scores = exact.score(run), fast.score(run)
+    assert run.cache.layers[0].keys.dtype == torch.float32  # the stored cache keeps the model's dtype
+    for layer_exact, layer_fast in zip(exact_scores, fast_scores, strict=True):
+        assert layer_fast.dtype == torch.float32
+        torch.testing.assert_close(layer_fast, layer_exact, atol=0.02, rtol=0.05)
+    kept_exact = torch.cat([m.flatten() for m in select(exact_scores, 0.5, "global")])
+    kept_fast = torch.cat([m.flatten() for m in select(fast_scores, 0.5, "global")])
+    assert (kept_exact == kept_fast).float().mean() > 0.95
+
+
+def test_unknown_kvzip_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        KVzipPress(compression_ratio=0.5, precision="float8")
 
 
 def test_global_budget_keeps_exact_count_with_uneven_layers_and_heads() -> None:

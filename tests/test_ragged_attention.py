@@ -78,6 +78,11 @@ def test_fused_lse_attention_equals_math_path(causal: bool) -> None:
     math_out, math_lse = attention_with_lse_math(query, key, value, 0.25, causal)
     torch.testing.assert_close(fused_out, math_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused_lse, math_lse, atol=1e-5, rtol=1e-5)
+    # bfloat16 inputs (KVzip's reconstruction pass): bfloat16 output, float32 log-sum-exp, same values
+    low_out, low_lse = attention_with_lse(query.bfloat16(), key.bfloat16(), value.bfloat16(), 0.25, causal)
+    assert low_out.dtype == torch.bfloat16 and low_lse.dtype == torch.float32
+    torch.testing.assert_close(low_out.float(), math_out, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(low_lse, math_lse, atol=3e-2, rtol=1e-2)
 
 
 def test_merged_partial_attention_equals_attention_over_the_union() -> None:
