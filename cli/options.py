@@ -42,7 +42,8 @@ def compression_options(func: F) -> F:
             "-p",
             default=None,
             metavar="SPEC",
-            help="Press or chain, e.g. kvzip, kvzip:0.75, kvzip:0.75+streaming:0.5 (default kvzip). "
+            help="Press or chain, e.g. kvzip, kvzip:0.75, kvzip:0.75+streaming:0.5, kvzip@global:0.9 "
+            "(name@budget: global, floored, uniform; default kvzip). "
             f"Presses: {', '.join(sorted(PRESSES))}.",
         ),
         click.option(

@@ -1,8 +1,9 @@
 """Scores -> keep masks.
 
-Budgets: one global threshold across layers and heads, a per-head uniform count, PyramidKV's
-per-layer pyramid, or KVCompose's composite tokens (equal counts per head, layer-adaptive). Every
-budget but "global" reduces to "head h of layer l keeps its top c[l, h] scores"; `keep_top` does that.
+Budgets: one global threshold across layers and heads, the same with a per-layer floor ("floored",
+KVzip's default), a per-head uniform count, PyramidKV's per-layer pyramid, or KVCompose's composite
+tokens (equal counts per head, layer-adaptive). The structured ones reduce to "head h of layer l keeps
+its top c[l, h] scores"; `keep_top` does that.
 """
 
 from __future__ import annotations
@@ -20,12 +21,42 @@ def kept_count(total: int, ratio: float) -> int:
     return min(total, max(1 if total else 0, round((1.0 - ratio) * total)))
 
 
-def global_budget(scores: Scores, ratio: float) -> Masks:
-    """Keep the top (1 - ratio) of all scores together: layers and heads get different budgets."""
+# Share of its even budget that every layer keeps under "floored", whatever the global threshold says.
+LAYER_FLOOR = 0.1
+
+
+def _top_overall(scores: Scores, count: int) -> Masks:
+    """The `count` highest scores of all layers and heads together (one global threshold)."""
     flat = torch.cat([s.flatten().float() for s in scores])
     keep_flat = torch.zeros_like(flat, dtype=torch.bool)
-    keep_flat[flat.topk(kept_count(flat.numel(), ratio)).indices] = True
+    keep_flat[flat.topk(count).indices] = True
     return [part.view_as(s) for part, s in zip(keep_flat.split([s.numel() for s in scores]), scores, strict=True)]
+
+
+def _floored(scores: Scores, count: int, floors: list[int]) -> Masks:
+    """The `count` best pairs overall, after promoting each layer's own `floors[l]` best (sum(floors) <= count)."""
+    promoted = []
+    for layer_scores, floor in zip(scores, floors, strict=True):
+        flat = layer_scores.flatten().float()
+        promoted.append(flat.index_fill(0, flat.topk(floor).indices, float("inf")).view_as(layer_scores))
+    return _top_overall(promoted, count)
+
+
+def global_budget(scores: Scores, ratio: float) -> Masks:
+    """Keep the top (1 - ratio) of all scores together: layers and heads get different budgets."""
+    return _top_overall(scores, kept_count(sum(s.numel() for s in scores), ratio))
+
+
+def floored_budget(scores: Scores, ratio: float, floor: float = LAYER_FLOOR) -> Masks:
+    """The global threshold, but every layer first keeps its own best `floor` x (1 - ratio) of its pairs.
+
+    A pure global threshold can leave whole layers with nearly nothing: layers whose attention is
+    diffuse while the model repeats the document score low everywhere, yet questions route through
+    them (SmolLM2 at 0.9 removed: layers 16 and 19 kept no pair of the needle and answers lost a
+    digit). The floor is Ada-KV's safeguard applied per layer; heads within a layer still compete.
+    """
+    floors = [int(floor * kept_count(s.numel(), ratio)) for s in scores]
+    return _floored(scores, kept_count(sum(s.numel() for s in scores), ratio), floors)
 
 
 def uniform_budget(scores: Scores, ratio: float) -> Masks:
@@ -112,12 +143,13 @@ def composite_budget(scores: Scores, ratio: float) -> Masks:
 
 BUDGETS: dict[str, Callable[[Scores, float], Masks]] = {
     "global": global_budget,
+    "floored": floored_budget,
     "uniform": uniform_budget,
     "pyramid": pyramid_budget,
     "composite": composite_budget,
 }
 # Budgets that can select among the survivors of an earlier stage (the others impose their own structure).
-SURVIVOR_BUDGETS = ("global", "uniform")
+SURVIVOR_BUDGETS = ("global", "floored", "uniform")
 
 
 def _check_ratio(ratio: float) -> None:
@@ -133,21 +165,21 @@ def select(scores: Scores, ratio: float, budget: str = "global") -> Masks:
 
 
 def select_among(scores: Scores, ratio: float, budget: str, alive: Masks) -> Masks:
-    """Remove `ratio` of the pairs still `alive` (globally, or of each head's survivors), keep the rest.
+    """Remove `ratio` of the pairs still `alive` (globally, with the layer floor, or of each head's survivors).
 
     This is what a later stage of a press chain does: the kept fraction multiplies.
     """
     if budget not in SURVIVOR_BUDGETS:
         raise ValueError(f"budget {budget!r} cannot select among survivors: use one of {', '.join(SURVIVOR_BUDGETS)}")
     _check_ratio(ratio)
-    floor = torch.finfo(torch.float32).min  # alive pairs outrank dead ones even when scored -inf
+    lowest = torch.finfo(torch.float32).min  # alive pairs outrank dead ones even when scored -inf
     masked = [
-        torch.where(a, s.float().nan_to_num(neginf=floor), float("-inf")) for s, a in zip(scores, alive, strict=True)
+        torch.where(a, s.float().nan_to_num(neginf=lowest), float("-inf")) for s, a in zip(scores, alive, strict=True)
     ]
     if budget == "uniform":
         counts = [torch.tensor([kept_count(int(n), ratio) for n in a.sum(-1)]) for a in alive]
         return [keep_top(s, c) for s, c in zip(masked, counts, strict=True)]
-    flat = torch.cat([s.flatten() for s in masked])
-    keep_flat = torch.zeros_like(flat, dtype=torch.bool)
-    keep_flat[flat.topk(kept_count(int(sum(int(a.sum()) for a in alive)), ratio)).indices] = True
-    return [part.view_as(s) for part, s in zip(keep_flat.split([s.numel() for s in scores]), scores, strict=True)]
+    count = kept_count(int(sum(int(a.sum()) for a in alive)), ratio)
+    if budget == "floored":
+        return _floored(masked, count, [int(LAYER_FLOOR * kept_count(int(a.sum()), ratio)) for a in alive])
+    return _top_overall(masked, count)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvstore.attention import observing
-from kvstore.budget import kept_count, select
+from kvstore.budget import LAYER_FLOOR, kept_count, select
 from kvstore.cache import CompressedCache
 from kvstore.compressor import compress, pack, prefill_context
 from kvstore.decode import answer_many
@@ -99,6 +99,26 @@ def test_global_budget_keeps_exact_count_with_uneven_layers_and_heads() -> None:
     # the 8 largest of all 16: layer 0 head 0 keeps all four, head 1 two; layer 1 keeps one per head
     assert masks[0].tolist() == [[True] * 4, [False, False, True, True]]
     assert masks[1].tolist() == [[True, False, False, False]] * 2
+
+
+def test_floored_budget_gives_a_starved_layer_its_floor_and_otherwise_equals_global() -> None:
+    gen = torch.Generator().manual_seed(0)
+    loud, quiet = torch.rand(3, 100, generator=gen) + 1.0, torch.rand(3, 100, generator=gen) * 0.01
+    scores = [loud, quiet, loud.flip(-1)]
+    ratio = 0.9
+    floored, plain = select(scores, ratio, "floored"), select(scores, ratio, "global")
+    total = kept_count(900, ratio)
+    assert sum(int(m.sum()) for m in floored) == sum(int(m.sum()) for m in plain) == total
+    assert int(plain[1].sum()) == 0  # the global threshold starves the quiet layer entirely
+    floor = int(LAYER_FLOOR * kept_count(300, ratio))
+    assert int(floored[1].sum()) == floor > 0
+    top_quiet = quiet.flatten().topk(floor).indices  # and the floor is that layer's own best pairs
+    assert bool(floored[1].flatten()[top_quiet].all())
+    # when every layer already clears its floor, nothing changes
+    even = [torch.rand(3, 100, generator=gen) for _ in range(3)]
+    assert all(
+        bool((a == b).all()) for a, b in zip(select(even, 0.5, "floored"), select(even, 0.5, "global"), strict=True)
+    )
 
 
 def test_uniform_budget_keeps_the_same_count_per_head() -> None:

@@ -204,7 +204,7 @@ def test_head_importance_is_computed_once_per_model(loaded) -> None:
 
 def _expected_kept_doc_pairs(press, layers: int, heads: int, tokens: int) -> int:
     ratio = press.compression_ratio
-    if press.budget in ("global", "heads"):
+    if press.budget in ("global", "floored", "heads"):
         return kept_count(layers * heads * tokens, ratio)
     if press.budget == "uniform":
         return layers * heads * kept_count(tokens, ratio)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from kvstore.budget import kept_count, select_among
+from kvstore.budget import LAYER_FLOOR, kept_count, select_among
 from kvstore.compressor import compress, prefill_context
 from kvstore.presses import (
     H2OPress,
@@ -43,6 +43,18 @@ def test_select_among_only_keeps_survivors() -> None:
     assert per_head[0].tolist() == [[False, True, False, True], [False, False, False, True]]
     with pytest.raises(ValueError, match="survivors"):
         select_among(scores, 0.5, "pyramid", alive)
+
+
+def test_floored_selection_among_survivors_keeps_each_layers_floor() -> None:
+    # layer 1's survivors all score below layer 0's: a plain global cut leaves it nothing
+    scores = [torch.arange(200.0, 400.0).view(2, 100), torch.arange(0.0, 200.0).view(2, 100)]
+    alive = [torch.rand(2, 100, generator=torch.Generator().manual_seed(s)) > 0.3 for s in (1, 2)]
+    n_alive = [int(a.sum()) for a in alive]
+    kept = select_among(scores, 0.75, "floored", alive)
+    assert all(not bool((k & ~a).any()) for k, a in zip(kept, alive, strict=True))  # only survivors
+    assert _doc_pairs(kept) == kept_count(sum(n_alive), 0.75)
+    assert int(kept[1].sum()) == int(LAYER_FLOOR * kept_count(n_alive[1], 0.75)) > 0
+    assert int(select_among(scores, 0.75, "global", alive)[1].sum()) == 0
 
 
 def test_chain_kept_fraction_is_the_product(loaded) -> None:
@@ -109,6 +121,16 @@ def test_spec_parser_builds_presses_and_chains() -> None:
     assert parse_press_spec("tova", default_ratio=0.5).compression_ratio == 0.5
 
 
+def test_spec_budget_suffix_overrides_the_press_default_and_round_trips() -> None:
+    assert parse_press_spec("kvzip:0.9").budget == "floored"  # KVzip's default
+    plain = parse_press_spec("kvzip@global:0.9")
+    assert isinstance(plain, KVzipPress) and plain.budget == "global" and plain.compression_ratio == 0.9
+    assert press_spec(plain) == "kvzip@global:0.9" and press_spec(parse_press_spec("kvzip:0.9")) == "kvzip:0.9"
+    chain = parse_press_spec("kvzip@uniform:0.5+streaming:0.5")
+    assert chain.stages[0].budget == "uniform" and press_spec(chain) == "kvzip@uniform:0.5+streaming:0.5"
+    assert parse_press_spec("snapkv@floored", default_ratio=0.5).budget == "floored"
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
@@ -122,6 +144,8 @@ def test_spec_parser_builds_presses_and_chains() -> None:
         ("", "empty press spec"),
         ("none:0.5", "keeps everything"),
         ("kvzip:0.5+pyramidkv:0.5", "put it first"),
+        ("kvzip@nope:0.5", "unknown budget 'nope'"),
+        ("pyramidkv@global:0.5", "always uses the pyramid budget"),
     ],
 )
 def test_spec_parser_errors(spec: str, message: str) -> None:

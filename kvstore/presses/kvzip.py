@@ -95,6 +95,7 @@ class ChunkObserver:
 @dataclass
 class KVzipPress(ScorerPress):
     name = "kvzip"
+    budget: str = "floored"  # the global threshold with a per-layer floor (kvstore.budget.floored_budget)
     chunk_size: int = 2000
     quoted_tokens: int = 8
     # The reconstruction pass attends in bfloat16, as the paper's code runs (2.4x faster attention on

@@ -3,12 +3,15 @@
 A spec is stages joined by "+", each `name:ratio` with ratio in [0, 1) = fraction of the pairs
 still present that the stage removes (for `think`, the last stage: fraction of key channels
 removed, e.g. "kvzip:0.75+think:0.25"). One stage gives that press, several a `PressChain`.
+`name@budget` picks a budget other than the press's default: "kvzip@global:0.9".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+from kvstore.budget import BUDGETS
 from kvstore.presses import PRESSES, make_press
 from kvstore.presses.base import ScorerPress
 from kvstore.presses.chain import PressChain
@@ -24,8 +27,15 @@ def _parse_ratio(text: str, name: str) -> float:
     return ratio
 
 
+def _parse_budget(text: str, spec: str) -> dict[str, str]:
+    if text not in BUDGETS:
+        raise ValueError(f"unknown budget {text!r} in spec {spec!r}: choose one of {', '.join(BUDGETS)}")
+    return {"budget": text}
+
+
 def _parse_stage(text: str, spec: str, default_ratio: float | None) -> ScorerPress:
-    name, colon, ratio_text = (part.strip() for part in text.partition(":"))
+    head, colon, ratio_text = (part.strip() for part in text.partition(":"))
+    name, at, budget_text = (part.strip() for part in head.partition("@"))
     if not name:
         raise ValueError(f"empty press name in spec {spec!r}: write stages as name:ratio joined by '+'")
     name = name.lower()
@@ -39,7 +49,7 @@ def _parse_stage(text: str, spec: str, default_ratio: float | None) -> ScorerPre
         ratio = _parse_ratio(str(default_ratio), name)
     else:
         raise ValueError(f"press {name!r} in spec {spec!r} needs a ratio: write {name}:0.5")
-    return make_press(name, ratio)
+    return make_press(name, ratio, **(_parse_budget(budget_text, spec) if at else {}))
 
 
 def parse_press_spec(spec: str, default_ratio: float | None = None) -> ScorerPress:
@@ -54,4 +64,6 @@ def press_spec(press: ScorerPress) -> str:
     """The spec string of a press or chain (inverse of `parse_press_spec` for default parameters)."""
     if isinstance(press, PressChain):
         return "+".join(press_spec(stage) for stage in press.stages)
-    return f"{press.name}:{press.compression_ratio:g}"
+    default_budget = next(f.default for f in dataclasses.fields(press) if f.name == "budget")
+    budget = f"@{press.budget}" if press.budget != default_budget else ""
+    return f"{press.name}{budget}:{press.compression_ratio:g}"
