@@ -72,7 +72,8 @@ def _names(choices: list[str]) -> Callable[[click.Context, click.Parameter, str]
     default="kvzip,streaming",
     show_default=True,
     callback=parse_specs,
-    help="Comma-separated press specs; stages without a ratio take the swept one (e.g. kvzip,kvzip+think:0.25).",
+    help="Comma-separated press specs; stages without a ratio take the swept one "
+    "(e.g. kvzip,kvzip+think:0.25; kvzip@global compares another budget).",
 )
 @click.option(
     "--ratio",
