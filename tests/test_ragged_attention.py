@@ -83,6 +83,12 @@ def test_fused_lse_attention_equals_math_path(causal: bool) -> None:
     assert low_out.dtype == torch.bfloat16 and low_lse.dtype == torch.float32
     torch.testing.assert_close(low_out.float(), math_out, atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(low_lse, math_lse, atol=3e-2, rtol=1e-2)
+    # the plain-math path (what GPUs run) takes bfloat16 too
+    low_math_out, low_math_lse = attention_with_lse_math(
+        query.bfloat16(), key.bfloat16(), value.bfloat16(), 0.25, causal
+    )
+    torch.testing.assert_close(low_math_out.float(), math_out, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(low_math_lse, math_lse, atol=3e-2, rtol=1e-2)
 
 
 def test_merged_partial_attention_equals_attention_over_the_union() -> None:
