@@ -26,9 +26,9 @@ from cli.main import main
 from kvstore.config import Settings
 from kvstore.index import ContextIndex, open_redis
 from kvstore.store import ContextStore
-from workers import jobs
-from workers.app import close_app, create_app
-from workers.config import WorkerSettings
+from workers import deliveries, jobs
+from workers.app import close_app, create_app, producer
+from workers.config import INGEST_TASK, WorkerSettings
 
 pytestmark = pytest.mark.model
 
@@ -213,6 +213,31 @@ def test_a_sigkilled_worker_task_is_redelivered_and_stored_once(target: Target) 
         for record in records:
             store.load(record.id)
         assert not store.gc(grace_s=0).stale_records
+
+
+def test_a_task_whose_worker_kept_dying_fails_instead_of_running_again(target: Target) -> None:
+    client = target.app.backend.client
+    done = _wait(target, jobs.submit(target.app, [BAKERY], FAST))
+    assert done.documents[0].state == "done"
+    assert client.keys(deliveries.KEY_PREFIX + "*") == []  # a run that ended leaves no count behind
+
+    poison = target.app.signature(
+        INGEST_TASK, kwargs={"text": LIGHTHOUSE.text, "source": "poison.md", "settings": FAST}
+    )
+    result = poison.freeze()
+    limit = WorkerSettings().max_deliveries
+    client.set(deliveries.KEY_PREFIX + result.id, limit)  # as if its worker had died `limit` times
+    with producer(target.app) as publisher:
+        poison.apply_async(producer=publisher)
+    deadline = time.monotonic() + 60
+    while result.state not in ("SUCCESS", "FAILURE") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert result.state == "FAILURE", target.log_tail()
+    assert type(result.result).__name__ == "TooManyDeliveries"
+    assert "not running it again" in str(result.result)
+    assert client.get(deliveries.KEY_PREFIX + result.id) is None
+    with target.store() as store:
+        assert all(r.source != "poison.md" for r in store.list())  # it never ran
 
 
 def test_cli_submit_status_and_ingest_queue(target: Target, tmp_path: Path) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
 from kvstore.documents import DocumentError
-from kvstore.index import IndexUnavailableError
+from kvstore.index import ContextIndex, IndexUnavailableError, open_redis
+from workers.deliveries import KEY_PREFIX, TooManyDeliveries, count_delivery, forget_delivery
 
 
 @pytest.fixture
@@ -53,3 +55,18 @@ def test_tasks_have_time_limits_and_late_acks(tasks) -> None:
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
     assert conf.broker_transport_options["visibility_timeout"] > tasks.ingest_document.time_limit
     assert conf.task_routes["kvstore.answer_questions"]["queue"] == "kvstore.answer"
+
+
+def test_deliveries_are_counted_until_the_limit_then_refused(tmp_path: Path) -> None:
+    client, _ = open_redis(None, tmp_path)
+    try:
+        assert [count_delivery(client, "t1", limit=2, ttl_s=60) for _ in range(2)] == [1, 2]
+        assert 0 < client.ttl(KEY_PREFIX + "t1") <= 60
+        with pytest.raises(TooManyDeliveries, match="last 2 deliveries"):
+            count_delivery(client, "t1", limit=2, ttl_s=60)
+        assert client.get(KEY_PREFIX + "t1") is None  # refused once, then forgotten
+        count_delivery(client, "t2", limit=2, ttl_s=60)
+        forget_delivery(client, "t2")  # a run that ended, however it ended
+        assert count_delivery(client, "t2", limit=2, ttl_s=60) == 1
+    finally:
+        ContextIndex(client).close()

@@ -8,6 +8,7 @@ Worker-only knobs (env vars, all optional):
     KVSTORE_VISIBILITY_TIMEOUT  seconds before a task held by a dead worker is redelivered
                                 (default: ingest limit + 300, so a live worker's task is never handed out twice)
     KVSTORE_RESULT_EXPIRES      seconds task results and job records are kept (default 7 days)
+    KVSTORE_MAX_DELIVERIES      a task whose worker died this many times fails instead of running again (default 3)
     KVSTORE_TASK_EVENTS         1: workers send task events (for Flower)
 """
 
@@ -46,6 +47,7 @@ class WorkerSettings:
     )
     result_expires: float = field(default_factory=lambda: _env_float("KVSTORE_RESULT_EXPIRES", 7 * 86400.0))
     task_events: bool = field(default_factory=lambda: os.environ.get("KVSTORE_TASK_EVENTS", "") in ("1", "true"))
+    max_deliveries: int = field(default_factory=lambda: int(_env_float("KVSTORE_MAX_DELIVERIES", 3)))
 
     @property
     def redelivery_after(self) -> float:

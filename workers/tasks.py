@@ -2,7 +2,8 @@
 
 Delivery: late acks and reject-on-worker-lost (app config) mean a task whose worker dies is run
 again; that is safe because ingest is idempotent by content-addressed id (a stored part is found
-before any prefill) and the store commits a record only after its blob is complete.
+before any prefill) and the store commits a record only after its blob is complete. A task whose
+worker died KVSTORE_MAX_DELIVERIES times in a row fails instead (`workers.deliveries`).
 Retries with exponential backoff cover transient Redis trouble; bad input fails at once.
 """
 
@@ -22,6 +23,7 @@ from kvstore.ingest import ingest_text
 from workers import runtime
 from workers.app import app
 from workers.config import ANSWER_TASK, INGEST_TASK, WorkerSettings, soft_limit
+from workers.deliveries import DeliveryCappedTask
 
 TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, IndexUnavailableError)
 OVERRIDABLE = frozenset({"model", "press", "ratio", "quant", "blob_format"})
@@ -56,6 +58,7 @@ def _reporter(task: Task, source: str) -> Any:
 
 @app.task(
     bind=True,
+    base=DeliveryCappedTask,
     name=INGEST_TASK,
     time_limit=_limits.ingest_time_limit,
     soft_time_limit=soft_limit(_limits.ingest_time_limit),
@@ -98,6 +101,7 @@ def ingest_document(
 
 @app.task(
     bind=True,
+    base=DeliveryCappedTask,
     name=ANSWER_TASK,
     time_limit=_limits.answer_time_limit,
     soft_time_limit=soft_limit(_limits.answer_time_limit),

@@ -1,0 +1,61 @@
+"""A cap on redeliveries, so a document that kills its worker every time cannot loop forever.
+
+Late acks plus reject-on-worker-lost hand the task of a worker that died (SIGKILL, out of memory)
+to the next worker: that is what makes a crash harmless. A task that itself causes the crash would
+be handed out forever, since the Redis transport keeps no delivery count. So each run counts itself
+in Redis before it starts and clears its count when it ends, however it ends; only a run whose
+process died leaves its count behind, and the run after `limit` such deaths fails instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from celery import Task
+
+from workers.config import WorkerSettings
+
+KEY_PREFIX = "kvstore:v1:deliveries:"
+
+
+class TooManyDeliveries(RuntimeError):
+    """The task's worker died during each of its previous deliveries."""
+
+
+def count_delivery(client: redis.Redis, task_id: str, limit: int, ttl_s: float) -> int:
+    """Record one more start of `task_id`; raise TooManyDeliveries (and forget it) beyond `limit` deaths."""
+    key = KEY_PREFIX + task_id
+    with client.pipeline() as pipe:
+        count, _ = pipe.incr(key).expire(key, max(1, int(ttl_s))).execute()
+    if count > limit:
+        client.delete(key)
+        raise TooManyDeliveries(
+            f"task {task_id}: its worker died on each of its last {count - 1} deliveries; not running it again "
+            f"(KVSTORE_MAX_DELIVERIES={limit})"
+        )
+    return count
+
+
+def forget_delivery(client: redis.Redis, task_id: str) -> None:
+    """The run ended (with a result or an exception): its process survived it."""
+    client.delete(KEY_PREFIX + task_id)
+
+
+class DeliveryCappedTask(Task):
+    """Celery task base class that counts deliveries around each run.
+
+    Eager runs (tests, `.apply()`) have no worker to lose and are not counted.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        task_id = self.request.id
+        if self.request.is_eager or task_id is None:
+            return super().__call__(*args, **kwargs)
+        limits = WorkerSettings()
+        client = self.backend.client
+        count_delivery(client, task_id, limits.max_deliveries, limits.result_expires)
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            forget_delivery(client, task_id)
