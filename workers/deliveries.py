@@ -5,16 +5,19 @@ to the next worker: that is what makes a crash harmless. A task that itself caus
 be handed out forever, since the Redis transport keeps no delivery count. So each run counts itself
 in Redis before it starts and clears its count when it ends, however it ends; only a run whose
 process died leaves its count behind, and the run after `limit` such deaths fails instead.
+The bookkeeping is best effort: a Redis error there is logged, never made the task's outcome
+(the task's own Redis calls are retried with backoff; a count left behind expires).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import redis
 from celery import Task
 
-from workers.config import WorkerSettings
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "kvstore:v1:deliveries:"
 
@@ -45,17 +48,25 @@ def forget_delivery(client: redis.Redis, task_id: str) -> None:
 class DeliveryCappedTask(Task):
     """Celery task base class that counts deliveries around each run.
 
-    Eager runs (tests, `.apply()`) have no worker to lose and are not counted.
+    `max_deliveries` is a task option (`@app.task(..., max_deliveries=n)`); counts live as long as
+    task results. Eager runs (tests, `.apply()`) have no worker to lose and are not counted.
     """
+
+    max_deliveries: int = 3
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         task_id = self.request.id
         if self.request.is_eager or task_id is None:
             return super().__call__(*args, **kwargs)
-        limits = WorkerSettings()
         client = self.backend.client
-        count_delivery(client, task_id, limits.max_deliveries, limits.result_expires)
+        try:
+            count_delivery(client, task_id, self.max_deliveries, self.app.conf.result_expires)
+        except redis.RedisError as exc:
+            log.warning("task %s: delivery not counted (%s)", task_id, exc)
         try:
             return super().__call__(*args, **kwargs)
         finally:
-            forget_delivery(client, task_id)
+            try:
+                forget_delivery(client, task_id)
+            except redis.RedisError as exc:
+                log.warning("task %s: delivery count not cleared, it will expire (%s)", task_id, exc)

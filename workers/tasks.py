@@ -39,6 +39,19 @@ _retry: dict[str, Any] = {
 }
 
 
+def _task(name: str, time_limit: float) -> Any:
+    """The options every kvstore task shares: bound, delivery-capped, time-limited, retried on Redis trouble."""
+    return app.task(
+        bind=True,
+        base=DeliveryCappedTask,
+        max_deliveries=_limits.max_deliveries,
+        name=name,
+        time_limit=time_limit,
+        soft_time_limit=soft_limit(time_limit),
+        **_retry,
+    )
+
+
 def check_overrides(overrides: Mapping[str, object] | None) -> dict[str, object]:
     """Per-document settings a task may change; where the store lives is the worker's business."""
     overrides = dict(overrides or {})
@@ -56,14 +69,7 @@ def _reporter(task: Task, source: str) -> Any:
     return report
 
 
-@app.task(
-    bind=True,
-    base=DeliveryCappedTask,
-    name=INGEST_TASK,
-    time_limit=_limits.ingest_time_limit,
-    soft_time_limit=soft_limit(_limits.ingest_time_limit),
-    **_retry,
-)
+@_task(INGEST_TASK, _limits.ingest_time_limit)
 def ingest_document(
     self: Task,
     text: str | None = None,
@@ -99,14 +105,7 @@ def ingest_document(
     return [part.record.id for part in parts]
 
 
-@app.task(
-    bind=True,
-    base=DeliveryCappedTask,
-    name=ANSWER_TASK,
-    time_limit=_limits.answer_time_limit,
-    soft_time_limit=soft_limit(_limits.answer_time_limit),
-    **_retry,
-)
+@_task(ANSWER_TASK, _limits.answer_time_limit)
 def answer_questions(self: Task, ref: str, questions: list[str], max_new_tokens: int | None = None) -> list[str]:
     """Answer a batch of questions against one stored context (an id, a unique prefix or a path)."""
     if not questions:
