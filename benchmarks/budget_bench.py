@@ -44,7 +44,7 @@ def run_case(
         cache = CompressedCache(pack(run, masks), device=loaded.device)
         return sample.score(answer_many(loaded, cache, [sample.question], max_new_tokens)[0])
 
-    outcome = {(FULL, 0.0): ask([torch.ones_like(s, dtype=torch.bool) for s in scores])}
+    outcome = {(FULL, 0.0): ask(run.keep_all())}
     for ratio in ratios:
         for budget in budgets:
             outcome[(budget, ratio)] = ask(select(scores, ratio, budget))

@@ -33,13 +33,17 @@ def _top_overall(scores: Scores, count: int) -> Masks:
     return [part.view_as(s) for part, s in zip(keep_flat.split([s.numel() for s in scores]), scores, strict=True)]
 
 
-def _floored(scores: Scores, count: int, floors: list[int]) -> Masks:
-    """The `count` best pairs overall, after promoting each layer's own `floors[l]` best (sum(floors) <= count)."""
+def _floored(scores: Scores, populations: list[int], ratio: float, floor: float = LAYER_FLOOR) -> Masks:
+    """Keep (1 - ratio) of all `populations`, each layer first keeping its own best `floor` x its share.
+
+    A layer's population is its pair count, or the pairs still alive after an earlier chain stage.
+    """
     promoted = []
-    for layer_scores, floor in zip(scores, floors, strict=True):
+    for layer_scores, population in zip(scores, populations, strict=True):
         flat = layer_scores.flatten().float()
-        promoted.append(flat.index_fill(0, flat.topk(floor).indices, float("inf")).view_as(layer_scores))
-    return _top_overall(promoted, count)
+        top = flat.topk(int(floor * kept_count(population, ratio))).indices
+        promoted.append(flat.index_fill(0, top, float("inf")).view_as(layer_scores))
+    return _top_overall(promoted, kept_count(sum(populations), ratio))
 
 
 def global_budget(scores: Scores, ratio: float) -> Masks:
@@ -55,8 +59,7 @@ def floored_budget(scores: Scores, ratio: float, floor: float = LAYER_FLOOR) -> 
     them (SmolLM2 at 0.9 removed: layers 16 and 19 kept no pair of the needle and answers lost a
     digit). The floor is Ada-KV's safeguard applied per layer; heads within a layer still compete.
     """
-    floors = [int(floor * kept_count(s.numel(), ratio)) for s in scores]
-    return _floored(scores, kept_count(sum(s.numel() for s in scores), ratio), floors)
+    return _floored(scores, [s.numel() for s in scores], ratio, floor)
 
 
 def uniform_budget(scores: Scores, ratio: float) -> Masks:
@@ -179,7 +182,6 @@ def select_among(scores: Scores, ratio: float, budget: str, alive: Masks) -> Mas
     if budget == "uniform":
         counts = [torch.tensor([kept_count(int(n), ratio) for n in a.sum(-1)]) for a in alive]
         return [keep_top(s, c) for s, c in zip(masked, counts, strict=True)]
-    count = kept_count(int(sum(int(a.sum()) for a in alive)), ratio)
     if budget == "floored":
-        return _floored(masked, count, [int(LAYER_FLOOR * kept_count(int(a.sum()), ratio)) for a in alive])
-    return _top_overall(masked, count)
+        return _floored(masked, [int(a.sum()) for a in alive], ratio)
+    return _top_overall(masked, kept_count(int(sum(int(a.sum()) for a in alive)), ratio))

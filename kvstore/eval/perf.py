@@ -19,7 +19,7 @@ from kvstore.compressor import pack, prefill_context
 from kvstore.decode import answer_many, greedy_tokens
 from kvstore.models import LoadedModel
 from kvstore.prefill import prefill
-from kvstore.presses import make_press, parse_press_spec
+from kvstore.presses import parse_press_spec
 from kvstore.store import ContextMeta, ContextStore
 
 QUESTION = "What is the main point of the text?"
@@ -104,7 +104,7 @@ def measure_length(
     (record, _), write_s = _timed(
         loaded, lambda: store.put(pack(run, masks, press.key_channels(run, masks)), meta, quant=quant)
     )
-    full = CompressedCache(pack(run, make_press("none", 0.0).keep_masks(run)))
+    full = CompressedCache(pack(run, run.keep_all()))
     compressed, load_s = _timed(
         loaded, lambda: CompressedCache(store.load(record.id, loaded.fingerprint), device=loaded.device)
     )

@@ -38,6 +38,10 @@ class ScoringInput:
     def doc_length(self) -> int:
         return self.length - self.prefix_length
 
+    def keep_all(self) -> Masks:
+        """A keep mask over every document pair (the full cache)."""
+        return [torch.ones_like(s, dtype=torch.bool) for s in self.zeros()]
+
     def zeros(self) -> Scores:
         """One zero score per (layer, kv head, document token), on the cache's device."""
         return [
@@ -72,7 +76,7 @@ class ScorerPress:
 
     def keep_masks(self, run: ScoringInput) -> Masks:
         if self.compression_ratio == 0.0:
-            return [torch.ones_like(s, dtype=torch.bool) for s in run.zeros()]
+            return run.keep_all()
         return self.masks_from_scores(self.score(run), run)
 
     def masks_from_scores(self, scores: Scores, run: ScoringInput) -> Masks:

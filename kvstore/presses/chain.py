@@ -94,7 +94,7 @@ class PressChain(ScorerPress):
                 masks = stage.keep_masks(stage_run)
             else:
                 masks = select_among(stage.score(stage_run), stage.compression_ratio, stage.budget, masks)
-        return masks if masks is not None else [torch.ones_like(s, dtype=torch.bool) for s in run.zeros()]
+        return masks if masks is not None else run.keep_all()
 
     def key_channels(self, run: ScoringInput, doc_keep: Masks) -> Channels | None:
         """The channel stage's choice among the pairs the token stages kept (None without one)."""

@@ -21,9 +21,9 @@ import torch
 
 from kvstore.budget import Masks, Scores, keep_top, kept_count
 from kvstore.models import LoadedModel
-from kvstore.prefill import prefill
 from kvstore.presses.base import ScorerPress, ScoringInput
 from kvstore.presses.kvzip import KVzipPress
+from kvstore.presses.streaming import sink_recency_scores
 
 CALIBRATION_TEXT = (
     "The lighthouse keeper wrote in her logbook every evening. On the third of March the wind turned north, "
@@ -47,9 +47,9 @@ def head_importance(loaded: LoadedModel, text: str = CALIBRATION_TEXT) -> torch.
     key = (loaded.fingerprint, loaded.tokenizer_fingerprint) if text == CALIBRATION_TEXT else None
     if key in _IMPORTANCE:
         return _IMPORTANCE[key]
-    frame = loaded.frame
-    input_ids = frame.context_ids(text)
-    run = ScoringInput(loaded, prefill(loaded.model, input_ids), input_ids, len(frame.head_ids))
+    from kvstore.compressor import prefill_context  # the compressor imports the press registry
+
+    run = prefill_context(loaded, text)
     importance = torch.stack([s.amax(dim=-1) for s in KVzipPress().score(run)]).float().cpu()
     if key is not None:
         _IMPORTANCE[key] = importance
@@ -90,9 +90,7 @@ class KVzipHeadPress(ScorerPress):
 
     def score(self, run: ScoringInput) -> Scores:
         """Order within a head: sinks first, then the most recent tokens (the budget decides how many)."""
-        order = torch.arange(run.doc_length, dtype=torch.float32) / max(1, run.doc_length)
-        order[: self.n_sink] = 2.0
-        return [order.to(s.device).expand_as(s).clone() for s in run.zeros()]
+        return sink_recency_scores(run, self.n_sink)
 
     def masks_from_scores(self, scores: Scores, run: ScoringInput) -> Masks:
         """Whole heads keep everything, the rest sinks + recent window, ranked by head importance."""

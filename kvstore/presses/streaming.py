@@ -10,6 +10,13 @@ from kvstore.budget import Scores
 from kvstore.presses.base import ScorerPress, ScoringInput
 
 
+def sink_recency_scores(run: ScoringInput, n_sink: int) -> Scores:
+    """Every head ranks the first `n_sink` document tokens first, then later tokens above earlier ones."""
+    recency = torch.arange(run.doc_length, dtype=torch.float32) / max(1, run.doc_length)
+    recency[:n_sink] = 2.0  # sinks outrank every recent token
+    return [recency.to(s.device).expand_as(s).clone() for s in run.zeros()]
+
+
 @dataclass
 class StreamingLLMPress(ScorerPress):
     name = "streaming"
@@ -17,6 +24,4 @@ class StreamingLLMPress(ScorerPress):
     budget: str = "uniform"
 
     def score(self, run: ScoringInput) -> Scores:
-        recency = torch.arange(run.doc_length, dtype=torch.float32) / max(1, run.doc_length)
-        recency[: self.n_sink] = 2.0  # sinks outrank every recent token
-        return [recency.to(s.device).expand_as(s).clone() for s in run.zeros()]
+        return sink_recency_scores(run, self.n_sink)

@@ -102,7 +102,7 @@ class ThinKPress(ScorerPress):
 
     def keep_masks(self, run: ScoringInput) -> Masks:
         """Every document pair: ThinK evicts no token."""
-        return [torch.ones_like(s, dtype=torch.bool) for s in run.zeros()]
+        return run.keep_all()
 
     def key_channels(self, run: ScoringInput, doc_keep: Masks) -> Channels | None:
         if self.compression_ratio == 0.0:
