@@ -463,10 +463,6 @@ def format_for_path(path: Path) -> BlobFormat:
     raise BlobError(f"{path} is not a kvstore blob (expected a .safetensors file or a .zarr directory)")
 
 
-def write_blob(path: Path, compressed: CompressedKV, header: BlobHeader) -> BlobHeader:
-    return format_for_path(path).write(path, compressed, header)
-
-
 def read_blob(path: Path, model_fingerprint: str | None = None) -> tuple[CompressedKV, BlobHeader]:
     return format_for_path(path).read(path, model_fingerprint)
 

@@ -112,9 +112,9 @@ class KVStore:
         if path.is_file():
             return self._records_for_document(read_document(path), ref)
         if len(ref) >= MIN_ID_PREFIX:
-            matches = [r for r in self.store.list() if r.id.startswith(ref)]
+            matches = [cid for cid in self.store.index.ids() if cid.startswith(ref)]
             if len(matches) == 1:
-                return matches
+                return [self.store.require(matches[0])]
             if matches:
                 raise ContextNotFoundError(f"id prefix {ref!r} is ambiguous ({len(matches)} contexts)")
         raise ContextNotFoundError(f"no stored context for {ref!r} (an id, an id prefix or an ingested file)")

@@ -268,10 +268,9 @@ class ContextIndex:
         return sorted(self._many(ids), key=lambda r: (r.document_id, r.part, r.created))
 
     @_guarded
-    def list(self, limit: int | None = None, offset: int = 0) -> list[ContextRecord]:
+    def list(self, limit: int | None = None) -> list[ContextRecord]:
         """Newest first."""
-        stop = -1 if limit is None else offset + limit - 1
-        return self._many(self.client.zrevrange(self._created, offset, stop))
+        return self._many(self.client.zrevrange(self._created, 0, -1 if limit is None else limit - 1))
 
     @_guarded
     def ids(self) -> list[str]:
@@ -288,10 +287,6 @@ class ContextIndex:
         return bool(
             self._delete(keys=[self._ctx(context_id), self._created], args=[context_id, expected, self._lookup])
         )
-
-    @_guarded
-    def ping(self) -> bool:
-        return bool(self.client.ping())
 
     def close(self) -> None:
         """Disconnect; an embedded server shuts down when its last client leaves."""

@@ -90,7 +90,6 @@ class ContextMeta:
     document_id: str = ""  # links the parts of a long document split into several contexts
     part: int = 0
     parts: int = 1
-    ratio: float | None = None  # requested; defaults to the press's compression_ratio
 
     @classmethod
     def for_model(cls, loaded: LoadedModel, press: dict[str, Any], **kwargs: Any) -> ContextMeta:
@@ -100,8 +99,6 @@ class ContextMeta:
     @property
     def requested_ratio(self) -> float:
         """K/V memory fraction asked for: a press's `memory_ratio` when it differs from its ratio (ThinK)."""
-        if self.ratio is not None:
-            return float(self.ratio)
         return float(self.press.get("memory_ratio", self.press.get("compression_ratio", 0.0)) or 0.0)
 
 
@@ -144,7 +141,10 @@ def _remove(path: Path) -> int:
 
 
 def _publish(tmp: Path, final: Path) -> bool:
-    """Give a complete, fsynced temp blob its final name unless one exists there; True if ours is it."""
+    """Give a complete, fsynced temp blob its final name unless one exists there; True if ours is it.
+
+    The caller removes `tmp` afterwards (a hard-linked file leaves it behind).
+    """
     try:
         if tmp.is_dir():
             os.rename(tmp, final)  # a directory never replaces a non-empty one
@@ -161,8 +161,6 @@ def _publish(tmp: Path, final: Path) -> bool:
         if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
             return False
         raise
-    finally:
-        _remove(tmp)
     fsync_dir(final.parent)
     return True
 
@@ -326,17 +324,12 @@ class ContextStore:
 
     def load(self, context_id: str, model_fingerprint: str | None = None) -> CompressedKV:
         """The stored context, dequantized; checks format version, model (when given) and checksum."""
-        return self.load_with_header(context_id, model_fingerprint)[0]
-
-    def load_with_header(
-        self, context_id: str, model_fingerprint: str | None = None
-    ) -> tuple[CompressedKV, BlobHeader]:
         record = self.require(context_id)
         path = self.home / record.blob
         compressed, header = format_for_path(path).read(path, model_fingerprint)
         if header.checksum != record.checksum:
             raise BlobCorruptError(f"blob {path} does not match its index record (checksum differs)")
-        return compressed, header
+        return compressed
 
     def find(
         self, document_sha256: str, model_fingerprint: str, press: dict[str, Any], quant: str | None = None
