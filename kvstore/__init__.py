@@ -1,6 +1,20 @@
-"""kvstore: prefill documents once, compress their KV caches with KVzip, store them, answer many questions."""
+"""kvstore: prefill documents once, compress their KV caches with KVzip, store them, answer many questions.
 
-from kvstore.client import KVStore, LoadedContext
-from kvstore.config import Settings
+`KVStore`, `LoadedContext` and `Settings` are loaded on first use, so importing a light module such
+as `kvstore.config` or `kvstore.index` does not pull in torch and transformers.
+"""
 
-__all__ = ["KVStore", "LoadedContext", "Settings"]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {"KVStore": "kvstore.client", "LoadedContext": "kvstore.client", "Settings": "kvstore.config"}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kvstore' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

@@ -168,6 +168,8 @@ def test_kvcompose_stabilises_scores_with_the_head_mean(run) -> None:
         torch.testing.assert_close(o, b + 0.5 * b.mean(dim=0, keepdim=True))
     with pytest.raises(ValueError, match="scorer"):
         KVComposePress(compression_ratio=0.5, scorer="kvcompose")
+    with pytest.raises(ValueError, match="scorer"):
+        KVComposePress(compression_ratio=0.5, scorer="think")  # a channel stage scores no token
 
 
 def test_head_counts_fill_whole_heads_by_importance() -> None:

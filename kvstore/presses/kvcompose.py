@@ -16,7 +16,7 @@ from kvstore.attention import AttentionObserver
 from kvstore.budget import Scores
 from kvstore.presses.base import ScorerPress, ScoringInput
 
-_NOT_SCORERS = ("kvcompose", "none", "kvzip_head")
+_NOT_SCORERS = ("kvcompose", "none", "kvzip_head")  # besides channel stages (ThinK), which score no token
 
 
 @dataclass
@@ -29,8 +29,8 @@ class KVComposePress(ScorerPress):
     def __post_init__(self) -> None:
         from kvstore.presses import PRESSES  # the registry imports this module
 
-        if self.scorer in _NOT_SCORERS or self.scorer not in PRESSES:
-            usable = sorted(set(PRESSES) - set(_NOT_SCORERS))
+        usable = sorted(name for name, cls in PRESSES.items() if name not in _NOT_SCORERS and not cls.channel_stage)
+        if self.scorer not in usable:
             raise ValueError(f"kvcompose scorer must be one of {', '.join(usable)}, got {self.scorer!r}")
 
     def _scorer(self) -> ScorerPress:
