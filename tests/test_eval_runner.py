@@ -28,6 +28,7 @@ def test_tiny_eval_stores_every_context_and_reports(store_home: Path, tmp_path: 
     for r in results:
         assert 0.0 <= r.score <= 1.0
         assert r.achieved_ratio == 0.0 if r.method == FULL else r.achieved_ratio > 0.3
+        assert r.score_s == 0.0 if r.method == FULL else r.score_s > 0.0
     rows = summarize(results, by="family")
     assert {(row.group, row.method, row.ratio) for row in rows} >= {
         ("retrieval", FULL, 0.0),
@@ -93,3 +94,12 @@ def test_eval_and_bench_commands_write_their_files(store_home: Path, tmp_path: P
     [row] = report["lengths"]
     assert row["kv_bytes_compressed"] < 0.5 * row["kv_bytes_full"] and row["blob_bytes"] < row["full_kv_bytes"]
     assert [t["questions"] for t in report["ask_many"]] == [1, 2]
+
+
+def test_chain_cases_report_their_scoring_time(store_home: Path) -> None:
+    loaded = tiny_model("llama")
+    samples = make_suite(["niah_single"], n=1, context_tokens=120, seed=1)
+    with ContextStore.open() as store:
+        results = evaluate(loaded, samples, ["kvzip+think:0.25"], [0.5, 0.8], store, max_new_tokens=2)
+    chained = [r for r in results if r.method != FULL]
+    assert len(chained) == 2 and all(r.score_s > 0.0 for r in chained)  # scored inside each cut

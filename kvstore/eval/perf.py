@@ -99,11 +99,14 @@ def measure_length(
     question_ids = frame.question_ids(QUESTION)
     press = parse_press_spec(press_spec, ratio)
     run, prefill_s = _timed(loaded, lambda: prefill_context(loaded, document, press))
-    masks, score_s = _timed(loaded, lambda: press.keep_masks(run))
+
+    def select() -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        masks = press.keep_masks(run)
+        return masks, press.key_channels(run, masks)
+
+    (masks, channels), score_s = _timed(loaded, select)
     meta = ContextMeta.for_model(loaded, press.params(), source="bench")
-    (record, _), write_s = _timed(
-        loaded, lambda: store.put(pack(run, masks, press.key_channels(run, masks)), meta, quant=quant)
-    )
+    (record, _), write_s = _timed(loaded, lambda: store.put(pack(run, masks, channels), meta, quant=quant))
     full = CompressedCache(pack(run, run.keep_all()))
     compressed, load_s = _timed(
         loaded, lambda: CompressedCache(store.load(record.id, loaded.fingerprint), device=loaded.device)

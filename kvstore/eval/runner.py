@@ -87,19 +87,26 @@ def _ask_stored(
     ratio: float,
     quant: str,
     max_new_tokens: int,
-) -> tuple[str, float, ContextRecord]:
-    """Cut at `ratio`, store, load back, then (only then) ask: (answer, seconds, stored record)."""
+) -> tuple[str, float, float, ContextRecord]:
+    """Cut at `ratio`, store, load back, then (only then) ask.
+
+    Returns (answer, answer seconds, cut seconds, stored record); cutting is the keep masks and key
+    channels, which for chains and channel stages includes all of their scoring.
+    """
     press = parse_press_spec(spec, ratio)
+    start = time.perf_counter()
     if scored.scores is None:
         masks = press.keep_masks(scored.run)
     else:
         masks = press.masks_from_scores(scored.scores, scored.run)
-    compressed = pack(scored.run, masks, press.key_channels(scored.run, masks))
+    channels = press.key_channels(scored.run, masks)
+    cut_s = time.perf_counter() - start
+    compressed = pack(scored.run, masks, channels)
     record, _ = store.put(compressed, ContextMeta.for_model(loaded, press.params(), source=sample.id), quant=quant)
     cache = CompressedCache(store.load(record.id, model_fingerprint=loaded.fingerprint), device=loaded.device)
     start = time.perf_counter()
     answer = answer_many(loaded, cache, [sample.question], max_new_tokens)[0]
-    return answer, time.perf_counter() - start, record
+    return answer, time.perf_counter() - start, cut_s, record
 
 
 def evaluate(
@@ -123,7 +130,7 @@ def evaluate(
         for label, spec, press_ratios in plan:
             scored = _score_once(loaded, sample, spec, press_ratios[0])
             for ratio in press_ratios:
-                answer, answer_s, record = _ask_stored(
+                answer, answer_s, cut_s, record = _ask_stored(
                     loaded, store, sample, scored, spec, ratio, quant, max_new_tokens
                 )
                 result = CaseResult(
@@ -141,7 +148,7 @@ def evaluate(
                     record.bytes,
                     record.full_bytes,
                     scored.prefill_s,
-                    scored.score_s,
+                    0.0 if label == FULL else scored.score_s + cut_s,
                     answer_s,
                 )
                 results.append(result)
