@@ -72,11 +72,15 @@ def read_document(path: Path) -> str:
 
 
 def split_paragraphs(text: str, count_tokens: Callable[[str], int], max_tokens: int) -> list[str]:
-    """Split at blank lines into parts of at most `max_tokens`; an oversized paragraph splits at sentences."""
+    """Split at blank lines into parts of at most `max_tokens`; an oversized paragraph splits at sentences,
+    and a sentence still too long (a table, a list, code) into halves at spaces until each fits."""
     units: list[str] = []
     for paragraph in re.split(r"\n\s*\n", text):
         if paragraph.strip():
-            units += [paragraph] if count_tokens(paragraph) <= max_tokens else _sentences(paragraph)
+            if count_tokens(paragraph) <= max_tokens:
+                units.append(paragraph)
+            else:
+                units += [piece for s in _sentences(paragraph) for piece in _fitting(s, count_tokens, max_tokens)]
     parts: list[str] = []
     current: list[str] = []
     for unit in units:
@@ -93,3 +97,15 @@ def split_paragraphs(text: str, count_tokens: Callable[[str], int], max_tokens: 
 
 def _sentences(paragraph: str) -> list[str]:
     return [s for s in re.split(r"(?<=[.!?])\s+", paragraph) if s]
+
+
+def _fitting(unit: str, count_tokens: Callable[[str], int], max_tokens: int) -> list[str]:
+    """`unit` if it fits, else its halves (at the middle space, or mid-string without one), recursively."""
+    if count_tokens(unit) <= max_tokens or len(unit) < 2:
+        return [unit]
+    words = unit.split(" ")
+    if len(words) > 1:
+        halves = [" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2 :])]
+    else:
+        halves = [unit[: len(unit) // 2], unit[len(unit) // 2 :]]
+    return [piece for half in halves if half for piece in _fitting(half, count_tokens, max_tokens)]

@@ -40,6 +40,15 @@ def test_unsupported_type_is_refused(tmp_path: Path) -> None:
         read_document(doc)
 
 
+def test_a_sentence_longer_than_a_part_is_cut_to_fit() -> None:
+    words = [f"w{i}" for i in range(50)]
+    parts = split_paragraphs(" ".join(words) + "\n\nShort one.", lambda t: len(t.split()), max_tokens=10)
+    assert all(len(p.split()) <= 10 for p in parts)
+    assert " ".join(parts).split() == [*words, "Short", "one."]  # nothing lost, order kept
+    assert split_paragraphs("x" * 40, len, max_tokens=40) == ["x" * 40]  # fits: untouched
+    assert all(len(p) <= 16 for p in split_paragraphs("y" * 40, len, max_tokens=16))  # no space at all
+
+
 def test_split_paragraphs_respects_the_limit_and_keeps_order() -> None:
     paragraphs = [f"Paragraph {i} " + "word " * 30 for i in range(10)]
     parts = split_paragraphs("\n\n".join(paragraphs), lambda t: len(t.split()), max_tokens=70)
