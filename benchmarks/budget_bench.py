@@ -16,14 +16,15 @@ from pathlib import Path
 
 import torch
 
-from kvstore.budget import select
-from kvstore.cache import CompressedCache
-from kvstore.compressor import pack, prefill_context
-from kvstore.decode import answer_many
+from kvstore.compress import pack
+from kvstore.decode.cache import CompressedCache
+from kvstore.decode.generation import answer_many
+from kvstore.engine.models import LoadedModel, load_model
 from kvstore.eval.haystack import tokenizer_counter
 from kvstore.eval.tasks import Sample, make_niah
-from kvstore.models import LoadedModel, load_model
 from kvstore.presses import KVzipPress
+from kvstore.presses.base import prefill_context
+from kvstore.presses.budget import select
 
 DEFAULT_HAYSTACK = Path("/work/shared/data/haystack")
 FULL = "full"

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
-from kvstore.cache import CompressedCache
-from kvstore.compressor import compress, prefill_context
+from kvstore.compress import compress
 from kvstore.config import Settings
+from kvstore.decode.cache import CompressedCache
+from kvstore.engine.models import load_model
 from kvstore.eval.haystack import filler, tokenizer_counter
-from kvstore.models import load_model
 from kvstore.presses import make_press
-from kvstore.store import ContextMeta, ContextStore, document_sha256
+from kvstore.presses.base import prefill_context
+from kvstore.storage.store import ContextMeta, ContextStore, document_sha256
 
 DEFAULT_HAYSTACK = Path("/work/shared/data/haystack")
 

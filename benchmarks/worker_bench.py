@@ -26,7 +26,7 @@ from celery.result import GroupResult
 
 from kvstore.client import KVStore
 from kvstore.config import Settings
-from kvstore.index import ContextIndex, open_redis
+from kvstore.storage.index import ContextIndex, open_redis
 from workers import jobs
 from workers.app import close_app, create_app
 

@@ -15,13 +15,13 @@ from rich.table import Table
 from cli.console import make_console
 from cli.eval_cmd import parse_numbers, parse_spec
 from cli.options import haystack_option
-from kvstore.cache import CompressedCache
 from kvstore.config import Settings
+from kvstore.decode.cache import CompressedCache
+from kvstore.engine.models import load_model
 from kvstore.eval.haystack import filler, tokenizer_counter
 from kvstore.eval.perf import PerfRow, ThroughputRow, measure_length, measure_throughput
-from kvstore.models import load_model
-from kvstore.quant import QUANT_BITS
-from kvstore.store import ContextStore
+from kvstore.kv.quant import QUANT_BITS
+from kvstore.storage.store import ContextStore
 
 console = make_console()
 THROUGHPUT_QUESTIONS = [

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from cli.console import make_console
 from cli.options import open_client, store_options
-from kvstore.index import ContextRecord
+from kvstore.storage.index import ContextRecord
 
 console = make_console()
 

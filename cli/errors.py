@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from kvstore.blob import BlobError
-from kvstore.documents import DocumentError
-from kvstore.index import RedisIndexError
-from kvstore.models import ModelNotFoundError
-from kvstore.store import ContextNotFoundError
+from kvstore.engine.models import ModelNotFoundError
+from kvstore.storage.blob import BlobError
+from kvstore.storage.index import RedisIndexError
+from kvstore.storage.store import ContextNotFoundError
+from kvstore.text.documents import DocumentError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     BlobError,

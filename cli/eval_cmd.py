@@ -15,14 +15,14 @@ from rich.table import Table
 from cli.console import make_console
 from cli.options import haystack_option
 from kvstore.config import Settings
+from kvstore.engine.models import load_model
 from kvstore.eval.haystack import tokenizer_counter
 from kvstore.eval.report import plot_accuracy, summarize, write_results
 from kvstore.eval.runner import CaseResult, evaluate
 from kvstore.eval.tasks import TASKS, make_suite
-from kvstore.models import load_model
+from kvstore.kv.quant import QUANT_BITS
 from kvstore.presses import parse_press_spec
-from kvstore.quant import QUANT_BITS
-from kvstore.store import ContextStore
+from kvstore.storage.store import ContextStore
 
 console = make_console()
 

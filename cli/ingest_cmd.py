@@ -13,8 +13,8 @@ from rich.table import Table
 from cli.console import make_console
 from cli.options import compression_options, open_client, store_options
 from kvstore.client import KVStore
-from kvstore.documents import DocumentError, discover, read_document
-from kvstore.presses.base import ScorerPress
+from kvstore.presses.base import Press
+from kvstore.text.documents import DocumentError, discover, read_document
 
 console = make_console(stderr=True)
 
@@ -107,7 +107,7 @@ def _read_all(files: list[Path], summary: IngestSummary) -> dict[Path, str]:
     return texts
 
 
-def _ingest_all(kv: KVStore, texts: dict[Path, str], compressor: ScorerPress, summary: IngestSummary) -> None:
+def _ingest_all(kv: KVStore, texts: dict[Path, str], compressor: Press, summary: IngestSummary) -> None:
     started = time.perf_counter()
     columns = [
         TextColumn("{task.description}"),

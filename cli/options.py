@@ -8,10 +8,10 @@ from typing import Any
 
 import click
 
-from kvstore.blob import FORMATS
 from kvstore.client import KVStore
+from kvstore.kv.quant import QUANT_BITS
 from kvstore.presses import PRESSES
-from kvstore.quant import QUANT_BITS
+from kvstore.storage.blob import FORMATS
 
 F = Callable[..., Any]
 

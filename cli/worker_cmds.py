@@ -15,7 +15,7 @@ from rich.table import Table
 from cli.console import make_console
 from cli.options import F, compression_options, store_options
 from kvstore.config import Settings
-from kvstore.documents import DocumentError, discover, read_document
+from kvstore.text.documents import DocumentError, discover, read_document
 from workers.config import QUEUES, WorkerSettings
 from workers.jobs import Document, JobStatus, job_status, submit, wait
 
@@ -292,6 +292,3 @@ def status_cmd(
             console.print(f"[yellow]{exc}[/]")
             raise SystemExit(2) from exc
     report(status)
-
-
-COMMANDS = (worker, submit_cmd, status_cmd)

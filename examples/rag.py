@@ -13,7 +13,7 @@ import re
 from collections import Counter
 
 from kvstore import KVStore
-from kvstore.index import ContextRecord
+from kvstore.storage.index import ContextRecord
 
 WORD = re.compile(r"[a-z0-9]+")
 STOPWORDS = {"the", "a", "an", "of", "to", "is", "in", "and", "what", "who", "when", "how", "was", "did", "does"}

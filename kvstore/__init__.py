@@ -1,7 +1,7 @@
 """kvstore: prefill documents once, compress their KV caches with KVzip, store them, answer many questions.
 
 `KVStore`, `LoadedContext` and `Settings` are loaded on first use, so importing a light module such
-as `kvstore.config` or `kvstore.index` does not pull in torch and transformers.
+as `kvstore.config` or `kvstore.storage.index` does not pull in torch and transformers.
 """
 
 from __future__ import annotations

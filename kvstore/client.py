@@ -16,16 +16,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvstore.cache import CompressedCache
 from kvstore.config import Settings
-from kvstore.decode import DEFAULT_MAX_NEW_TOKENS, answer_many, stream_answer
-from kvstore.documents import discover, read_document
-from kvstore.index import ContextRecord
+from kvstore.decode.cache import CompressedCache
+from kvstore.decode.generation import DEFAULT_MAX_NEW_TOKENS, answer_many, stream_answer
+from kvstore.engine.models import LoadedModel, load_model
 from kvstore.ingest import IngestedPart, ingest_text
-from kvstore.models import LoadedModel, load_model
 from kvstore.presses import parse_press_spec
-from kvstore.presses.base import ScorerPress
-from kvstore.store import ContextNotFoundError, ContextStore, document_sha256
+from kvstore.presses.base import Press
+from kvstore.storage.index import ContextRecord
+from kvstore.storage.store import ContextNotFoundError, ContextStore, document_sha256
+from kvstore.text.documents import discover, read_document
 
 MIN_ID_PREFIX = 6
 
@@ -77,14 +77,14 @@ class KVStore:
             self._models[name] = load_model(name, self.settings)
         return self._models[name]
 
-    def press(self, spec: str | None = None, ratio: float | None = None) -> ScorerPress:
+    def press(self, spec: str | None = None, ratio: float | None = None) -> Press:
         """A press from a spec ("kvzip", "kvzip:0.75", "kvzip:0.75+streaming:0.5"); bare names take `ratio`."""
         return parse_press_spec(spec or self.settings.press, self.settings.ratio if ratio is None else ratio)
 
     # -- ingest -----------------------------------------------------------------------------------
 
     def ingest_text(
-        self, text: str, source: str = "", press: ScorerPress | None = None, model: str | None = None
+        self, text: str, source: str = "", press: Press | None = None, model: str | None = None
     ) -> list[IngestedPart]:
         """Store a document (several linked parts if it is longer than the model's window)."""
         return ingest_text(
@@ -97,7 +97,7 @@ class KVStore:
             blob_format=self.settings.blob_format,
         )
 
-    def ingest_files(self, paths: Iterable[str | Path], press: ScorerPress | None = None) -> list[IngestedPart]:
+    def ingest_files(self, paths: Iterable[str | Path], press: Press | None = None) -> list[IngestedPart]:
         """Files and folders (recursive); raises DocumentError on the first bad file."""
         return [part for path in discover(paths) for part in self.ingest_text(read_document(path), str(path), press)]
 

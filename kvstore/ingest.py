@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from kvstore.compressor import compress
-from kvstore.documents import DocumentError, split_paragraphs
-from kvstore.index import ContextRecord
-from kvstore.models import LoadedModel
-from kvstore.presses.base import ScorerPress
-from kvstore.prompt import encode
-from kvstore.store import ContextMeta, ContextStore, context_id, document_sha256
+from kvstore.compress import compress
+from kvstore.engine.models import LoadedModel
+from kvstore.presses.base import Press
+from kvstore.storage.index import ContextRecord
+from kvstore.storage.store import ContextMeta, ContextStore, context_id, document_sha256
+from kvstore.text.documents import DocumentError
+from kvstore.text.parts import split_tokens
 
 # What ingest reports as it goes, in order (after "tokenizing", which happens before any part).
 STAGES = ("tokenizing", "prefilling", "scoring", "writing")
@@ -44,7 +44,7 @@ def ingest_text(
     loaded: LoadedModel,
     store: ContextStore,
     text: str,
-    press: ScorerPress,
+    press: Press,
     source: str = "",
     quant: str | None = None,
     blob_format: str | None = None,
@@ -56,7 +56,9 @@ def ingest_text(
         raise DocumentError(f"{source or 'text'}: the document is empty")
     frame = loaded.frame
     limit = max_tokens or max_document_tokens(loaded)
-    parts = split_paragraphs(text, lambda t: len(encode(loaded.tokenizer, t)), limit)
+    parts = split_tokens(text, loaded.tokenizer, limit)
+    if not parts:
+        raise DocumentError(f"{source or 'text'}: the document is empty after tokenization")
     doc_sha = document_sha256(text)
     quant = quant or store.quant
     results = []
@@ -70,7 +72,7 @@ def ingest_text(
             part=number,
             parts=len(parts),
         )
-        token_ids = frame.context_ids(part)
+        token_ids = frame.context_ids(part.ids)
         existing = store.get(context_id(loaded.fingerprint, token_ids, meta.press, quant))
         if existing is not None:
             results.append(IngestedPart(existing, False))
@@ -80,7 +82,7 @@ def ingest_text(
             if report is not None:
                 report(stage, tokens=tokens, part=part_number)
 
-        compressed = compress(loaded, part, press, on_stage)
+        compressed = compress(loaded, part.ids, press, on_stage)
         on_stage("writing")
         record, created = store.put(compressed, meta, quant=quant, blob_format=blob_format)
         results.append(IngestedPart(record, created))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvstore.config import Settings
-from kvstore.models import LoadedModel, load_model
+from kvstore.engine.models import LoadedModel, load_model
 
 
 @pytest.fixture(scope="session")

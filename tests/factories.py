@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.compressed import CompressedKV, CompressedLayer
+from kvstore.kv.compressed import CompressedKV, CompressedLayer
+from kvstore.kv.quant import QuantizedTensor, _expand
 
 PRESS = {"press": "kvzip", "compression_ratio": 0.75, "budget": "global", "chunk_size": 2000}
 
@@ -23,3 +24,8 @@ def random_compressed(
         packed.append(CompressedLayer.from_dense(keys.to(dtype), values.to(dtype), keep))
     token_ids = torch.randint(0, 1000, (length,), generator=generator, dtype=torch.int32)
     return CompressedKV(packed, token_ids, prefix_length=4)
+
+
+def half_step(q: QuantizedTensor) -> torch.Tensor:
+    """The per-element error bound of `q`: half of its group's step, shaped like the tensor."""
+    return _expand(q.scales, q.axis, q.shape, q.lengths, q.group_size) / 2

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvstore.blob import (
+from kvstore.kv.compressed import CompressedKV
+from kvstore.kv.quant import KEYS_AXIS, VALUES_AXIS, bits_for, quantize
+from kvstore.storage.blob import (
     FORMAT_VERSION,
     FORMATS,
     METADATA_KEY,
@@ -24,9 +26,7 @@ from kvstore.blob import (
     format_for_path,
     read_blob,
 )
-from kvstore.compressed import CompressedKV
-from kvstore.quant import KEYS_AXIS, VALUES_AXIS, bits_for, half_step, quantize
-from tests.factories import PRESS, random_compressed
+from tests.factories import PRESS, half_step, random_compressed
 
 
 def header_for(compressed: CompressedKV, quant: str = "none", fingerprint: str = "fp-a") -> BlobHeader:

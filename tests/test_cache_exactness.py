@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstore.cache import CompressedCache
-from kvstore.compressor import compress
-from kvstore.decode import answer_many, greedy_tokens
+from kvstore.compress import compress
+from kvstore.decode.cache import CompressedCache
+from kvstore.decode.generation import answer_many, greedy_tokens
 from kvstore.presses import NoPress
-from kvstore.prompt import ChatFrame
+from kvstore.text.prompt import ChatFrame
 from tests.tiny import sample_text, tiny_model
 
 FAMILIES = ["llama", "qwen2", "qwen3"]

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from cli.main import main
-from kvstore.store import ContextStore
+from kvstore.storage.store import ContextStore
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "docs"
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvstore import KVStore
-from kvstore.prompt import ChatFrame
+from kvstore.text.prompt import ChatFrame
 
 pytestmark = pytest.mark.model
 

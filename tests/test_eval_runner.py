@@ -12,7 +12,7 @@ from cli.main import main
 from kvstore.eval.report import plot_accuracy, summarize, write_results
 from kvstore.eval.runner import FULL, evaluate
 from kvstore.eval.tasks import make_suite
-from kvstore.store import ContextStore
+from kvstore.storage.store import ContextStore
 from tests.tiny import tiny_model
 
 

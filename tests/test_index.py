@@ -15,7 +15,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from kvstore.index import KEY_PREFIX, ContextIndex, ContextRecord, IndexUnavailableError, open_redis, redact
+from kvstore.storage.index import KEY_PREFIX, ContextIndex, ContextRecord, IndexUnavailableError, open_redis, redact
 
 # The embedded server is tested in every run; a real server only when the environment names one.
 TARGETS = ["embedded"] + (["server"] if os.environ.get("KVSTORE_REDIS_URL") else [])
@@ -74,7 +74,7 @@ def test_add_is_create_only(index: ContextIndex) -> None:
     assert index.add(record)
     assert index.add(replace(record, bytes=1, created=record.created + 1)) is False
     assert index.get(record.id) == record
-    assert index.count() == 1
+    assert len(index.ids()) == 1
 
 
 def test_list_newest_first(index: ContextIndex) -> None:
@@ -105,7 +105,7 @@ def test_delete(index: ContextIndex) -> None:
     index.add(record)
     assert index.delete(record.id, if_created=record.created + 1) is False  # someone re-created it: keep
     assert index.delete(record.id, if_created=record.created) is True
-    assert index.get(record.id) is None and index.list() == [] and index.count() == 0
+    assert index.get(record.id) is None and index.list() == [] and len(index.ids()) == 0
     assert index.find(record.document_sha256, "fp-a", record.press, "none") == []
     assert index.delete(record.id) is False
 
@@ -125,7 +125,7 @@ def test_concurrent_adds_of_one_id_create_one_record(index: ContextIndex) -> Non
     for thread in threads:
         thread.join()
     assert sorted(results) == [False] * 7 + [True]
-    assert index.count() == 1
+    assert len(index.ids()) == 1
 
 
 def test_keys_use_the_versioned_prefix(index: ContextIndex) -> None:

@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 
 import kvstore.ingest as ingest_module
-from kvstore.documents import DocumentError, discover, read_document, split_paragraphs
 from kvstore.ingest import ingest_text
 from kvstore.presses import make_press
-from kvstore.store import ContextStore
-from tests.tiny import sample_text, tiny_model
+from kvstore.storage.store import ContextStore
+from kvstore.text.documents import DocumentError, discover, read_document
+from kvstore.text.parts import split_tokens
+from kvstore.text.prompt import encode
+from tests.tiny import sample_text, tiny_model, tiny_tokenizer
 
 
 def test_discover_recurses_skips_hidden_and_unsupported(tmp_path: Path) -> None:
@@ -40,21 +42,34 @@ def test_unsupported_type_is_refused(tmp_path: Path) -> None:
         read_document(doc)
 
 
-def test_a_sentence_longer_than_a_part_is_cut_to_fit() -> None:
-    words = [f"w{i}" for i in range(50)]
-    parts = split_paragraphs(" ".join(words) + "\n\nShort one.", lambda t: len(t.split()), max_tokens=10)
-    assert all(len(p.split()) <= 10 for p in parts)
-    assert " ".join(parts).split() == [*words, "Short", "one."]  # nothing lost, order kept
-    assert split_paragraphs("x" * 40, len, max_tokens=40) == ["x" * 40]  # fits: untouched
-    assert all(len(p) <= 16 for p in split_paragraphs("y" * 40, len, max_tokens=16))  # no space at all
+def test_a_document_that_fits_is_one_part_with_the_ids_of_the_whole_text() -> None:
+    tokenizer = tiny_tokenizer()
+    text = sample_text(80, seed=1)
+    [part] = split_tokens(text, tokenizer, max_tokens=10_000)
+    assert part.text == text and part.ids == encode(tokenizer, text)
 
 
-def test_split_paragraphs_respects_the_limit_and_keeps_order() -> None:
-    paragraphs = [f"Paragraph {i} " + "word " * 30 for i in range(10)]
-    parts = split_paragraphs("\n\n".join(paragraphs), lambda t: len(t.split()), max_tokens=70)
-    assert all(len(part.split()) <= 70 for part in parts)
-    assert "\n\n".join(parts).split() == "\n\n".join(paragraphs).split()
-    assert len(parts) == 5
+def test_parts_end_at_paragraph_breaks_and_fit() -> None:
+    tokenizer = tiny_tokenizer()
+    paragraphs = [sample_text(30, seed=i) for i in range(8)]
+    lengths = [len(encode(tokenizer, p)) for p in paragraphs]
+    limit = max(a + b for a, b in zip(lengths, lengths[1:], strict=False)) + 4  # two paragraphs always fit
+    parts = split_tokens("\n\n".join(paragraphs), tokenizer, max_tokens=limit)
+    assert 1 < len(parts) < len(paragraphs)
+    assert all(len(part.ids) <= limit for part in parts)
+    assert all(set(part.text.split("\n\n")) <= set(paragraphs) for part in parts)  # whole paragraphs only
+    assert "\n\n".join(part.text for part in parts) == "\n\n".join(paragraphs)  # nothing lost, order kept
+
+
+def test_a_sentence_longer_than_a_part_is_cut_at_spaces_then_anywhere() -> None:
+    tokenizer = tiny_tokenizer()
+    words = sample_text(60, seed=3).rstrip(".").split()
+    parts = split_tokens(" ".join(words) + "\n\nShort one.", tokenizer, max_tokens=12)
+    assert all(len(part.ids) <= 12 for part in parts)
+    assert " ".join(part.text for part in parts).split() == [*words, "Short", "one."]
+    assert all(not part.text[0].isspace() and not part.text[-1].isspace() for part in parts)
+    no_space = split_tokens("y" * 40, tokenizer, max_tokens=5)
+    assert all(len(part.ids) <= 5 for part in no_space) and "".join(p.text for p in no_space) == "y" * 40
 
 
 def test_long_document_is_stored_as_linked_parts_and_not_recomputed(

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstore.attention import observing
-from kvstore.budget import LAYER_FLOOR, kept_count, select
-from kvstore.cache import CompressedCache
-from kvstore.compressor import compress, pack, prefill_context
-from kvstore.decode import answer_many
+from kvstore.compress import compress, pack
+from kvstore.decode.cache import CompressedCache
+from kvstore.decode.generation import answer_many
+from kvstore.engine.attention import observing
 from kvstore.presses import KVzipPress, StreamingLLMPress
-from kvstore.prompt import encode
+from kvstore.presses.base import prefill_context
+from kvstore.presses.budget import LAYER_FLOOR, kept_count, select
+from kvstore.text.prompt import encode
 from tests.tiny import sample_text, tiny_model
 
 

@@ -8,12 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kvstore.attention import observing
-from kvstore.budget import composite_budget, composite_counts, kept_count, pyramid_counts, select
-from kvstore.cache import CompressedCache
-from kvstore.compressor import compress, prefill_context
-from kvstore.decode import answer_many
-from kvstore.prefill import prefill
+from kvstore.compress import compress
+from kvstore.decode.cache import CompressedCache
+from kvstore.decode.generation import answer_many
+from kvstore.engine.attention import observing
+from kvstore.engine.prefill import prefill
 from kvstore.presses import (
     PRESSES,
     H2OPress,
@@ -25,6 +24,8 @@ from kvstore.presses import (
     make_press,
 )
 from kvstore.presses import kvzip_head as kvzip_head_module
+from kvstore.presses.base import prefill_context
+from kvstore.presses.budget import composite_budget, composite_counts, kept_count, pyramid_counts, select
 from kvstore.presses.kvzip_head import head_counts, head_importance
 from kvstore.presses.received import ReceivedAttention
 from kvstore.presses.snapkv import pool_positions, window_scores

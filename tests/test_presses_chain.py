@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from kvstore.budget import LAYER_FLOOR, kept_count, select_among
-from kvstore.compressor import compress, prefill_context
+from kvstore.compress import compress
 from kvstore.presses import (
     H2OPress,
     KVzipPress,
@@ -21,6 +20,8 @@ from kvstore.presses import (
     press_spec,
 )
 from kvstore.presses import watch as watch_module
+from kvstore.presses.base import prefill_context
+from kvstore.presses.budget import LAYER_FLOOR, kept_count, select_among
 from kvstore.presses.chain import FanOut
 from tests.tiny import sample_text, tiny_model
 
@@ -129,6 +130,8 @@ def test_spec_budget_suffix_overrides_the_press_default_and_round_trips() -> Non
     chain = parse_press_spec("kvzip@uniform:0.5+streaming:0.5")
     assert chain.stages[0].budget == "uniform" and press_spec(chain) == "kvzip@uniform:0.5+streaming:0.5"
     assert parse_press_spec("snapkv@floored", default_ratio=0.5).budget == "floored"
+    heads = parse_press_spec("kvzip_head@heads:0.5")  # each press names the budgets it accepts
+    assert heads.budget == "heads" and press_spec(heads) == "kvzip_head:0.5"
 
 
 @pytest.mark.parametrize(
@@ -145,7 +148,9 @@ def test_spec_budget_suffix_overrides_the_press_default_and_round_trips() -> Non
         ("none:0.5", "keeps everything"),
         ("kvzip:0.5+pyramidkv:0.5", "put it first"),
         ("kvzip@nope:0.5", "unknown budget 'nope'"),
-        ("pyramidkv@global:0.5", "always uses the pyramid budget"),
+        ("pyramidkv@global:0.5", "unknown budget 'global' for pyramidkv"),
+        ("kvzip_head@global:0.5", "choose one of heads"),
+        ("kvzip:0.5+think@global:0.25", "unknown budget 'global' for think"),
     ],
 )
 def test_spec_parser_errors(spec: str, message: str) -> None:

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstore.quant import (
+from kvstore.kv.quant import (
     KEYS_AXIS,
     VALUES_AXIS,
     bits_for,
     dequantize,
-    half_step,
     pack_int4,
     quantize,
     unpack_int4,
 )
+from tests.factories import half_step
 
 
 def within_bound(x: torch.Tensor, q) -> bool:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstore.attention import RaggedPrefix, ragged_attention
+from kvstore.decode.kernels.loop import ragged_attention
+from kvstore.decode.prefix import RaggedPrefix
 
 
 def _dense_reference(query, prefix_keys, prefix_values, suffix_keys, suffix_values, suffix_mask, scaling):
@@ -54,7 +55,7 @@ def test_ragged_equals_dense_masked_reference(seed: int) -> None:
 
 def test_ragged_query_blocks_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     """Long queries are processed in row blocks to bound memory; blocking must not change the output."""
-    import kvstore.attention as attention
+    import kvstore.decode.kernels.loop as attention
 
     gen = torch.Generator().manual_seed(7)
     prefix = RaggedPrefix(
@@ -70,7 +71,7 @@ def test_ragged_query_blocks_give_the_same_result(monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_fused_lse_attention_equals_math_path(causal: bool) -> None:
-    from kvstore.lse_attention import attention_with_lse, attention_with_lse_math
+    from kvstore.engine.lse import attention_with_lse, attention_with_lse_math
 
     gen = torch.Generator().manual_seed(3)
     query, key, value = (torch.randn(1, 4, 12, 16, generator=gen) for _ in range(3))
@@ -92,7 +93,7 @@ def test_fused_lse_attention_equals_math_path(causal: bool) -> None:
 
 
 def test_merged_partial_attention_equals_attention_over_the_union() -> None:
-    from kvstore.lse_attention import attention_with_lse_math, merge_attention
+    from kvstore.engine.lse import attention_with_lse_math, merge_attention
 
     gen = torch.Generator().manual_seed(4)
     query, key, value = (

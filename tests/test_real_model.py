@@ -7,7 +7,7 @@ import pytest
 from kvstore.eval.haystack import tokenizer_counter
 from kvstore.eval.runner import evaluate
 from kvstore.eval.tasks import make_niah
-from kvstore.store import ContextStore
+from kvstore.storage.store import ContextStore
 
 pytestmark = pytest.mark.model
 

@@ -20,17 +20,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvstore.blob import (
+from kvstore.config import Settings
+from kvstore.kv.compressed import CompressedKV
+from kvstore.storage.blob import (
     FORMATS,
     BlobCorruptError,
     BlobHeader,
     BlobModelError,
     SafetensorsFormat,
 )
-from kvstore.compressed import CompressedKV
-from kvstore.config import Settings
-from kvstore.index import ContextIndex, IndexUnavailableError
-from kvstore.store import (
+from kvstore.storage.index import ContextIndex, IndexUnavailableError
+from kvstore.storage.store import (
     TMP_PREFIX,
     ContextMeta,
     ContextNotFoundError,
@@ -255,9 +255,9 @@ WORKER = textwrap.dedent(
     import json, os, signal, sys, time
     from pathlib import Path
 
-    from kvstore.blob import SafetensorsFormat, read_blob
-    from kvstore.index import ContextIndex
-    from kvstore.store import ContextMeta, ContextStore
+    from kvstore.storage.blob import SafetensorsFormat, read_blob
+    from kvstore.storage.index import ContextIndex
+    from kvstore.storage.store import ContextMeta, ContextStore
 
     args = json.loads(sys.argv[1])
     compressed, _ = read_blob(Path(args["source"]))
@@ -396,9 +396,9 @@ def one_thread() -> Iterator[None]:
 def test_decoding_after_a_round_trip_gives_the_same_answers(
     store: ContextStore, blob_format: str, one_thread: None
 ) -> None:
-    from kvstore.cache import CompressedCache
-    from kvstore.compressor import compress
-    from kvstore.decode import answer_many
+    from kvstore.compress import compress
+    from kvstore.decode.cache import CompressedCache
+    from kvstore.decode.generation import answer_many
     from kvstore.presses import make_press
 
     loaded = tiny_model("llama")

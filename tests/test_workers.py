@@ -24,8 +24,8 @@ from click.testing import CliRunner
 
 from cli.main import main
 from kvstore.config import Settings
-from kvstore.index import ContextIndex, open_redis
-from kvstore.store import ContextStore
+from kvstore.storage.index import ContextIndex, open_redis
+from kvstore.storage.store import ContextStore
 from workers import deliveries, jobs
 from workers.app import close_app, create_app, producer
 from workers.config import INGEST_TASK, WorkerSettings

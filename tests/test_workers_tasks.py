@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from kvstore.documents import DocumentError
-from kvstore.index import ContextIndex, IndexUnavailableError, open_redis
+from kvstore.storage.index import ContextIndex, IndexUnavailableError, open_redis
+from kvstore.text.documents import DocumentError
 from workers.deliveries import KEY_PREFIX, TooManyDeliveries, count_delivery, forget_delivery
 
 

@@ -14,7 +14,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from kvstore.models import LoadedModel, prepare_model
+from kvstore.engine.models import LoadedModel, prepare_model
 
 CHATML = (
     "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"

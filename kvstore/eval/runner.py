@@ -13,15 +13,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kvstore.cache import CompressedCache
-from kvstore.compressor import pack, prefill_context
-from kvstore.decode import answer_many
+from kvstore.compress import cut
+from kvstore.decode.cache import CompressedCache
+from kvstore.decode.generation import answer_many
+from kvstore.engine.models import LoadedModel
 from kvstore.eval.tasks import Sample
-from kvstore.index import ContextRecord
-from kvstore.models import LoadedModel
-from kvstore.presses import PressChain, parse_press_spec
-from kvstore.presses.base import ScorerPress, ScoringInput
-from kvstore.store import ContextMeta, ContextStore
+from kvstore.presses import parse_press_spec
+from kvstore.presses.base import Press, ScoringInput, TokenPress, prefill_context
+from kvstore.storage.index import ContextRecord
+from kvstore.storage.store import ContextMeta, ContextStore
 
 FULL = "full"
 
@@ -61,9 +61,9 @@ class _Scored:
     score_s: float
 
 
-def _reusable_scores(press: ScorerPress) -> bool:
-    """One token press scores once for every ratio; chains and channel stages redo their own work."""
-    return press.compression_ratio > 0.0 and not isinstance(press, PressChain) and not press.channel_stage
+def _reusable_scores(press: Press) -> bool:
+    """One token press scores once for every ratio; chains and channel presses redo their own work."""
+    return press.compression_ratio > 0.0 and isinstance(press, TokenPress)
 
 
 def _score_once(loaded: LoadedModel, sample: Sample, spec: str, ratio: float) -> _Scored:
@@ -90,18 +90,13 @@ def _ask_stored(
 ) -> tuple[str, float, float, ContextRecord]:
     """Cut at `ratio`, store, load back, then (only then) ask.
 
-    Returns (answer, answer seconds, cut seconds, stored record); cutting is the keep masks and key
-    channels, which for chains and channel stages includes all of their scoring.
+    Returns (answer, answer seconds, cut seconds, stored record); cutting is the keep masks, key
+    channels and packing, which for chains and channel presses includes all of their scoring.
     """
     press = parse_press_spec(spec, ratio)
     start = time.perf_counter()
-    if scored.scores is None:
-        masks = press.keep_masks(scored.run)
-    else:
-        masks = press.masks_from_scores(scored.scores, scored.run)
-    channels = press.key_channels(scored.run, masks)
+    compressed = cut(scored.run, press, scored.scores)
     cut_s = time.perf_counter() - start
-    compressed = pack(scored.run, masks, channels)
     record, _ = store.put(compressed, ContextMeta.for_model(loaded, press.params(), source=sample.id), quant=quant)
     cache = CompressedCache(store.load(record.id, model_fingerprint=loaded.fingerprint), device=loaded.device)
     start = time.perf_counter()

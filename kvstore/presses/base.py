@@ -1,21 +1,26 @@
-"""What every press is: a dataclass with a compression ratio that scores the document's KV pairs.
+"""What presses are, by what they remove, and what they see: a prefilled context.
 
-A press may also be a channel stage (ThinK): it evicts no token but picks which key channels of
-each head are stored, after the token selection (`key_channels`). Its ratio is then a fraction of
-key channels, and `memory_ratio` says what any press removes in K/V memory.
+* `TokenPress`: scores every document KV pair (`score`); a budget turns scores into keep masks.
+* `ChannelPress`: evicts no token; picks which key channels of each head are stored for the pairs
+  the token presses kept (ThinK). Its ratio is a fraction of key channels.
+* `PressChain` (presses/chain.py): token presses in sequence, optionally ending with a channel press.
+
+Every press is a small dataclass; `params()` is part of the content-addressed id and blob header.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import torch
 from transformers import DynamicCache
 
-from kvstore.attention import AttentionObserver
-from kvstore.budget import Masks, Scores, select
-from kvstore.models import LoadedModel
+from kvstore.engine.attention import AttentionObserver, observing
+from kvstore.engine.models import LoadedModel
+from kvstore.engine.prefill import prefill
+from kvstore.presses.budget import BUDGETS, Masks, Scores, select
 
 Channels = list[torch.Tensor]  # per layer: int32 [kv_heads, kept_channels], ascending per head
 
@@ -50,29 +55,64 @@ class ScoringInput:
         ]
 
 
-@dataclass
-class ScorerPress:
-    """Subclasses override `score`; higher scores are kept. Ratio = fraction of document pairs removed.
+def prefill_context(loaded: LoadedModel, document: str | list[int], press: Press | None = None) -> ScoringInput:
+    """Frame and prefill a document (text, or its token ids) letting `press` watch if it wants."""
+    frame = loaded.frame
+    input_ids = frame.context_ids(document)
+    if input_ids.shape[1] == len(frame.head_ids):
+        raise ValueError("the document is empty after tokenization")
+    observer = press.watch_prefill(len(frame.head_ids), input_ids.shape[1]) if press is not None else None
+    with observing(observer) if observer is not None else nullcontext():
+        cache = prefill(loaded.model, input_ids)
+    return ScoringInput(loaded, cache, input_ids, len(frame.head_ids), observer)
 
-    A channel stage (ThinK) scores no token: its ratio is the fraction of key channels removed.
+
+@dataclass
+class Press:
+    """A compression policy: keep masks over the document's pairs, then (optionally) key channels.
+
+    `budgets` lists the budgets the press accepts (`name@budget` in a spec); the first is its default.
     """
 
     name: ClassVar[str] = "base"
-    channel_stage: ClassVar[bool] = False  # True: prunes key channels after the token stages, evicts no token
+    budgets: ClassVar[tuple[str, ...]] = ()
     compression_ratio: float = 0.0
-    budget: str = "global"
+    budget: str = ""
+
+    def __post_init__(self) -> None:
+        if self.budgets and self.budget not in self.budgets:
+            raise ValueError(f"{self.name} accepts the budget(s) {', '.join(self.budgets)}, not {self.budget!r}")
 
     @property
     def memory_ratio(self) -> float:
         """Fraction of the document's K/V memory this press removes (the pair ratio for token presses)."""
         return self.compression_ratio
 
-    def score(self, run: ScoringInput) -> Scores:
-        raise NotImplementedError
-
     def watch_prefill(self, prefix_length: int, length: int) -> AttentionObserver | None:
         """Presses that score from the prefill's own attention (H2O, SnapKV, TOVA) return an observer."""
         return None
+
+    def keep_masks(self, run: ScoringInput) -> Masks:
+        raise NotImplementedError
+
+    def key_channels(self, run: ScoringInput, doc_keep: Masks) -> Channels | None:
+        """Key channels to store per (layer, head) once `doc_keep` is chosen; None keeps them all."""
+        return None
+
+    def params(self) -> dict[str, object]:
+        """Everything that changes the output: part of the content-addressed id and the blob header."""
+        return {"press": self.name, **asdict(self)}
+
+
+@dataclass
+class TokenPress(Press):
+    """Subclasses override `score`; higher scores are kept. Ratio = fraction of document pairs removed."""
+
+    budgets: ClassVar[tuple[str, ...]] = tuple(BUDGETS)
+    budget: str = "global"
+
+    def score(self, run: ScoringInput) -> Scores:
+        raise NotImplementedError
 
     def keep_masks(self, run: ScoringInput) -> Masks:
         if self.compression_ratio == 0.0:
@@ -86,10 +126,14 @@ class ScorerPress:
         """
         return select(scores, self.compression_ratio, self.budget)
 
-    def key_channels(self, run: ScoringInput, doc_keep: Masks) -> Channels | None:
-        """Key channels to store per (layer, head) once `doc_keep` is chosen; None keeps them all."""
-        return None
 
-    def params(self) -> dict[str, object]:
-        """Everything that changes the output: part of the content-addressed id and the blob header."""
-        return {"press": self.name, **asdict(self)}
+@dataclass
+class ChannelPress(Press):
+    """Evicts no token; `key_channels` picks the stored key channels. Ratio = fraction of key channels removed."""
+
+    def keep_masks(self, run: ScoringInput) -> Masks:
+        """Every document pair: a channel press evicts no token."""
+        return run.keep_all()
+
+    def key_channels(self, run: ScoringInput, doc_keep: Masks) -> Channels | None:
+        raise NotImplementedError

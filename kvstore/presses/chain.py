@@ -2,12 +2,12 @@
 
 The first stage that removes anything keeps its own masks (any budget, structured ones included).
 Every later stage scores the full context with its own rule and removes its ratio of the survivors,
-globally or per head (`kvstore.budget.select_among`), so the kept fraction is the product of the parts:
+globally or per head (`kvstore.presses.budget.select_among`), so the kept fraction is the product of the parts:
 removing r1 then r2 keeps (1 - r1)(1 - r2). Later stages must use a "global" or "uniform" budget:
 structured budgets (pyramid, composite, head-level) only make sense on the full context.
 
-A channel stage (ThinK, `channel_stage = True`) removes key channels, not tokens: it must come
-last, `keep_masks` skips it, and `key_channels` runs it on the pairs the token stages kept. The
+A channel press (ThinK) removes key channels, not tokens: it must come last, `keep_masks` skips
+it, and `key_channels` runs it on the pairs the token stages kept. The
 chain's ratio is the fraction of the document's K/V memory removed, 1 - prod(1 - memory_ratio):
 the pair ratio for token stages, half the channel ratio for ThinK (values keep every channel), so
 kvzip:0.75+think:0.25 keeps 0.25 * (1 - 0.125) of the K/V bytes and reports 0.78125.
@@ -20,9 +20,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from kvstore.attention import AttentionObserver
-from kvstore.budget import SURVIVOR_BUDGETS, Masks, Scores, select_among
-from kvstore.presses.base import Channels, ScorerPress, ScoringInput
+from kvstore.engine.attention import AttentionObserver
+from kvstore.presses.base import ChannelPress, Channels, Press, ScoringInput, TokenPress
+from kvstore.presses.budget import SURVIVOR_BUDGETS, Masks, select_among
 
 
 @dataclass
@@ -39,14 +39,14 @@ class FanOut:
 
 
 def _check_stage(stage: object, first: bool, last: bool) -> None:
-    if not isinstance(stage, ScorerPress) or isinstance(stage, PressChain):
-        raise ValueError(f"a press chain stage must be a single eviction press, got {stage!r}")
-    if stage.channel_stage:
+    if isinstance(stage, ChannelPress):
         if not last:
             raise ValueError(
                 f"{stage.name!r} prunes key channels of the pairs the token stages keep: put it last in the chain"
             )
         return
+    if not isinstance(stage, TokenPress):
+        raise ValueError(f"a press chain stage must be a single token or channel press, got {stage!r}")
     if not first and stage.budget not in SURVIVOR_BUDGETS:
         raise ValueError(
             f"{stage.name!r} uses the {stage.budget!r} budget, which only applies to the full context: "
@@ -55,16 +55,18 @@ def _check_stage(stage: object, first: bool, last: bool) -> None:
 
 
 @dataclass
-class PressChain(ScorerPress):
+class PressChain(Press):
     name = "chain"
+    budgets = ("chain",)
     budget: str = "chain"
-    stages: tuple[ScorerPress, ...] = ()
+    stages: tuple[Press, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError("a press chain needs at least one stage")
+        super().__post_init__()
         self.stages = tuple(self.stages)
-        active = [i for i, stage in enumerate(self.stages) if stage.compression_ratio > 0.0 and not stage.channel_stage]
+        active = [i for i, s in enumerate(self.stages) if s.compression_ratio > 0.0 and isinstance(s, TokenPress)]
         last = len(self.stages) - 1
         for i, stage in enumerate(self.stages):
             _check_stage(stage, first=not active or i <= active[0], last=i == last)
@@ -82,13 +84,10 @@ class PressChain(ScorerPress):
             return [replace(run, prefill_observer=o) for o in fan_out.observers]
         return [replace(run, prefill_observer=None) for _ in self.stages]
 
-    def score(self, run: ScoringInput) -> Scores:
-        raise NotImplementedError("a press chain has no single score: use keep_masks")
-
     def keep_masks(self, run: ScoringInput) -> Masks:
         masks = None
         for stage, stage_run in zip(self.stages, self._stage_runs(run), strict=True):
-            if stage.compression_ratio == 0.0 or stage.channel_stage:
+            if stage.compression_ratio == 0.0 or not isinstance(stage, TokenPress):
                 continue
             if masks is None:
                 masks = stage.keep_masks(stage_run)
@@ -99,7 +98,7 @@ class PressChain(ScorerPress):
     def key_channels(self, run: ScoringInput, doc_keep: Masks) -> Channels | None:
         """The channel stage's choice among the pairs the token stages kept (None without one)."""
         stage, stage_run = self.stages[-1], self._stage_runs(run)[-1]
-        return stage.key_channels(stage_run, doc_keep) if stage.channel_stage else None
+        return stage.key_channels(stage_run, doc_keep) if isinstance(stage, ChannelPress) else None
 
     def params(self) -> dict[str, object]:
         return {

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvstore.budget import Scores
-from kvstore.presses.base import ScorerPress, ScoringInput
+from kvstore.presses.base import ScoringInput, TokenPress
+from kvstore.presses.budget import Scores
 from kvstore.presses.received import GROUP_REDUCTIONS, ReceivedAttention, received_attention
+from kvstore.presses.registry import register
 
 
+@register
 @dataclass
-class H2OPress(ScorerPress):
+class H2OPress(TokenPress):
     name = "h2o"
     budget: str = "uniform"
     group_reduce: str = "mean"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.group_reduce not in GROUP_REDUCTIONS:
             raise ValueError(f"group_reduce must be one of {', '.join(GROUP_REDUCTIONS)}, got {self.group_reduce!r}")
 

@@ -4,7 +4,7 @@ Token scores come from another press (`scorer`, KVzip by default: query-agnostic
 the reconstruction "task" tokens) and are stabilised by adding `head_mean` times the mean over the
 layer's heads. Each head then ranks its own tokens; composite token j of a layer is every head's
 j-th best token, worth the mean of their scores; the most important composites across all layers
-are kept (`kvstore.budget.composite_budget`). So layers get adaptive budgets while each layer stays
+are kept (`kvstore.presses.budget.composite_budget`). So layers get adaptive budgets while each layer stays
 a plain [kv_heads, n_l, head_dim] tensor any engine can use.
 """
 
@@ -12,30 +12,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvstore.attention import AttentionObserver
-from kvstore.budget import Scores
-from kvstore.presses.base import ScorerPress, ScoringInput
+from kvstore.engine.attention import AttentionObserver
+from kvstore.presses.base import ScoringInput, TokenPress
+from kvstore.presses.budget import Scores
+from kvstore.presses.registry import PRESSES, register
 
-_NOT_SCORERS = ("kvcompose", "none", "kvzip_head")  # besides channel stages (ThinK), which score no token
+# Token presses whose scores do not rank tokens on their own (the full cache, head-level allocation, itself).
+_NOT_SCORERS = ("kvcompose", "none", "kvzip_head")
 
 
+@register
 @dataclass
-class KVComposePress(ScorerPress):
+class KVComposePress(TokenPress):
     name = "kvcompose"
     budget: str = "composite"
     scorer: str = "kvzip"
     head_mean: float = 1.0
 
     def __post_init__(self) -> None:
-        from kvstore.presses import PRESSES  # the registry imports this module
-
-        usable = sorted(name for name, cls in PRESSES.items() if name not in _NOT_SCORERS and not cls.channel_stage)
+        super().__post_init__()
+        usable = sorted(
+            name for name, cls in PRESSES.items() if name not in _NOT_SCORERS and issubclass(cls, TokenPress)
+        )
         if self.scorer not in usable:
             raise ValueError(f"kvcompose scorer must be one of {', '.join(usable)}, got {self.scorer!r}")
 
-    def _scorer(self) -> ScorerPress:
-        from kvstore.presses import PRESSES
-
+    def _scorer(self) -> TokenPress:
         return PRESSES[self.scorer](compression_ratio=self.compression_ratio)
 
     def watch_prefill(self, prefix_length: int, length: int) -> AttentionObserver | None:

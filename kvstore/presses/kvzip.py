@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstore.attention import observing
-from kvstore.budget import Scores
-from kvstore.lse_attention import attention_with_lse, merge_attention
-from kvstore.presses.base import ScorerPress, ScoringInput
-from kvstore.prompt import encode
+from kvstore.engine.attention import observing
+from kvstore.engine.lse import attention_with_lse, merge_attention
+from kvstore.presses.base import ScoringInput, TokenPress
+from kvstore.presses.budget import Scores
+from kvstore.presses.registry import register
+from kvstore.text.prompt import encode
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with "
@@ -92,10 +93,11 @@ class ChunkObserver:
         return output.transpose(1, 2).to(model_dtype)
 
 
+@register
 @dataclass
-class KVzipPress(ScorerPress):
+class KVzipPress(TokenPress):
     name = "kvzip"
-    budget: str = "floored"  # the global threshold with a per-layer floor (kvstore.budget.floored_budget)
+    budget: str = "floored"  # the global threshold with a per-layer floor (kvstore.presses.budget.floored_budget)
     chunk_size: int = 2000
     quoted_tokens: int = 8
     # The reconstruction pass attends in bfloat16, as the paper's code runs (2.4x faster attention on
@@ -103,6 +105,7 @@ class KVzipPress(ScorerPress):
     precision: str = "bfloat16"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown KVzip precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
 

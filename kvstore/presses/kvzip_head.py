@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstore.budget import Masks, Scores, keep_top, kept_count
-from kvstore.models import LoadedModel
-from kvstore.presses.base import ScorerPress, ScoringInput
+from kvstore.engine.models import LoadedModel
+from kvstore.presses.base import ScoringInput, TokenPress, prefill_context
+from kvstore.presses.budget import Masks, Scores, keep_top, kept_count
 from kvstore.presses.kvzip import KVzipPress
+from kvstore.presses.registry import register
 from kvstore.presses.streaming import sink_recency_scores
 
 CALIBRATION_TEXT = (
@@ -47,8 +48,6 @@ def head_importance(loaded: LoadedModel, text: str = CALIBRATION_TEXT) -> torch.
     key = (loaded.fingerprint, loaded.tokenizer_fingerprint) if text == CALIBRATION_TEXT else None
     if key in _IMPORTANCE:
         return _IMPORTANCE[key]
-    from kvstore.compressor import prefill_context  # the compressor imports the press registry
-
     run = prefill_context(loaded, text)
     importance = torch.stack([s.amax(dim=-1) for s in KVzipPress().score(run)]).float().cpu()
     if key is not None:
@@ -75,16 +74,17 @@ def head_counts(importance: torch.Tensor, tokens: int, kept: int, streaming: int
     return counts.view_as(importance)
 
 
+@register
 @dataclass
-class KVzipHeadPress(ScorerPress):
+class KVzipHeadPress(TokenPress):
     name = "kvzip_head"
+    budgets = ("heads",)  # whole heads, ranked by calibrated importance (masks_from_scores)
     budget: str = "heads"
     n_sink: int = 4
     window: int = 64
 
     def __post_init__(self) -> None:
-        if self.budget != "heads":
-            raise ValueError("kvzip_head allocates whole heads: its budget is always 'heads'")
+        super().__post_init__()
         if self.n_sink < 0 or self.window < 0:
             raise ValueError("kvzip_head needs n_sink >= 0 and window >= 0")
 

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvstore.budget import Scores
-from kvstore.presses.base import ScorerPress, ScoringInput
+from kvstore.presses.base import ScoringInput, TokenPress
+from kvstore.presses.budget import Scores
+from kvstore.presses.registry import register
 
 
+@register
 @dataclass
-class NoPress(ScorerPress):
+class NoPress(TokenPress):
     name = "none"
+    budgets = ("global",)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.compression_ratio != 0.0:
             raise ValueError("the 'none' press keeps everything: its ratio must be 0")
 

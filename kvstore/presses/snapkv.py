@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvstore.budget import Scores
-from kvstore.presses.base import ScorerPress, ScoringInput
+from kvstore.presses.base import ScoringInput, TokenPress
+from kvstore.presses.budget import Scores
 from kvstore.presses.received import ReceivedAttention, received_attention
+from kvstore.presses.registry import register
 
 POOLINGS = ("max", "avg")
 
@@ -40,8 +41,9 @@ def window_scores(window_attention: torch.Tensor, window_size: int, kernel_size:
     return scores
 
 
+@register
 @dataclass
-class SnapKVPress(ScorerPress):
+class SnapKVPress(TokenPress):
     name = "snapkv"
     budget: str = "uniform"
     window_size: int = 64
@@ -49,6 +51,7 @@ class SnapKVPress(ScorerPress):
     pooling: str = "max"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.window_size < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError("snapkv needs window_size >= 1 and an odd kernel_size >= 1")
         if self.pooling not in POOLINGS:

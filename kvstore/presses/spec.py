@@ -11,10 +11,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from kvstore.budget import BUDGETS
-from kvstore.presses import PRESSES, make_press
-from kvstore.presses.base import ScorerPress
+from kvstore.presses.base import Press
 from kvstore.presses.chain import PressChain
+from kvstore.presses.registry import PRESSES, make_press
 
 
 def _parse_ratio(text: str, name: str) -> float:
@@ -27,13 +26,14 @@ def _parse_ratio(text: str, name: str) -> float:
     return ratio
 
 
-def _parse_budget(text: str, spec: str) -> dict[str, str]:
-    if text not in BUDGETS:
-        raise ValueError(f"unknown budget {text!r} in spec {spec!r}: choose one of {', '.join(BUDGETS)}")
+def _parse_budget(text: str, name: str, spec: str) -> dict[str, str]:
+    accepted = PRESSES[name].budgets
+    if text not in accepted:
+        raise ValueError(f"unknown budget {text!r} for {name} in spec {spec!r}: choose one of {', '.join(accepted)}")
     return {"budget": text}
 
 
-def _parse_stage(text: str, spec: str, default_ratio: float | None) -> ScorerPress:
+def _parse_stage(text: str, spec: str, default_ratio: float | None) -> Press:
     head, colon, ratio_text = (part.strip() for part in text.partition(":"))
     name, at, budget_text = (part.strip() for part in head.partition("@"))
     if not name:
@@ -49,10 +49,10 @@ def _parse_stage(text: str, spec: str, default_ratio: float | None) -> ScorerPre
         ratio = _parse_ratio(str(default_ratio), name)
     else:
         raise ValueError(f"press {name!r} in spec {spec!r} needs a ratio: write {name}:0.5")
-    return make_press(name, ratio, **(_parse_budget(budget_text, spec) if at else {}))
+    return make_press(name, ratio, **(_parse_budget(budget_text, name, spec) if at else {}))
 
 
-def parse_press_spec(spec: str, default_ratio: float | None = None) -> ScorerPress:
+def parse_press_spec(spec: str, default_ratio: float | None = None) -> Press:
     """Build the press a spec names; a stage without ":ratio" takes `default_ratio` (if given)."""
     if not spec or not spec.strip():
         raise ValueError("empty press spec: expected e.g. 'kvzip:0.75' or 'kvzip:0.75+streaming:0.5'")
@@ -60,7 +60,7 @@ def parse_press_spec(spec: str, default_ratio: float | None = None) -> ScorerPre
     return stages[0] if len(stages) == 1 else PressChain(stages=tuple(stages))
 
 
-def press_spec(press: ScorerPress) -> str:
+def press_spec(press: Press) -> str:
     """The spec string of a press or chain (inverse of `parse_press_spec` for default parameters)."""
     if isinstance(press, PressChain):
         return "+".join(press_spec(stage) for stage in press.stages)

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstore.budget import Scores
-from kvstore.presses.base import ScorerPress, ScoringInput
+from kvstore.presses.base import ScoringInput, TokenPress
+from kvstore.presses.budget import Scores
+from kvstore.presses.registry import register
 
 
 def sink_recency_scores(run: ScoringInput, n_sink: int) -> Scores:
@@ -17,8 +18,9 @@ def sink_recency_scores(run: ScoringInput, n_sink: int) -> Scores:
     return [recency.to(s.device).expand_as(s).clone() for s in run.zeros()]
 
 
+@register
 @dataclass
-class StreamingLLMPress(ScorerPress):
+class StreamingLLMPress(TokenPress):
     name = "streaming"
     n_sink: int = 4
     budget: str = "uniform"

@@ -14,12 +14,12 @@ token, so it runs after the token stages of a chain (`key_channels`) and alone k
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 
-from kvstore.budget import Masks, Scores, kept_count
-from kvstore.presses.base import Channels, ScorerPress, ScoringInput
+from kvstore.presses.base import ChannelPress, Channels, ScoringInput
+from kvstore.presses.budget import Masks, kept_count
+from kvstore.presses.registry import register
 from kvstore.presses.watch import watched_or_replayed, watched_rows
 
 
@@ -67,20 +67,20 @@ def top_channels(scores: torch.Tensor, kept: int) -> torch.Tensor:
     return order.sort(dim=-1).values.to(torch.int32)
 
 
+@register
 @dataclass
-class ThinKPress(ScorerPress):
+class ThinKPress(ChannelPress):
     """compression_ratio = fraction of each head's key channels removed; every head keeps the same count."""
 
     name = "think"
-    channel_stage: ClassVar[bool] = True
+    budgets = ("uniform",)  # every head keeps the same channel count
     budget: str = "uniform"
     window_size: int = 32
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.window_size < 1:
             raise ValueError("think needs window_size >= 1")
-        if self.budget != "uniform":
-            raise ValueError(f"think keeps equal channel counts: budget must be 'uniform', not {self.budget!r}")
 
     @property
     def memory_ratio(self) -> float:
@@ -93,16 +93,6 @@ class ThinKPress(ScorerPress):
 
     def watch_prefill(self, prefix_length: int, length: int) -> QueryWindow:
         return QueryWindow(length, self.first_query(prefix_length, length))
-
-    def score(self, run: ScoringInput) -> Scores:
-        """Refused, so that a caller packing token masks alone cannot mistake a full cache for ThinK's."""
-        raise NotImplementedError(
-            "think ranks key channels, not tokens: pack(run, masks, press.key_channels(run, masks)) applies it"
-        )
-
-    def keep_masks(self, run: ScoringInput) -> Masks:
-        """Every document pair: ThinK evicts no token."""
-        return run.keep_all()
 
     def key_channels(self, run: ScoringInput, doc_keep: Masks) -> Channels | None:
         if self.compression_ratio == 0.0:

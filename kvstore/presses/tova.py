@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvstore.budget import Scores
-from kvstore.presses.base import ScorerPress, ScoringInput
+from kvstore.presses.base import ScoringInput, TokenPress
+from kvstore.presses.budget import Scores
 from kvstore.presses.received import ReceivedAttention, received_attention
+from kvstore.presses.registry import register
 
 
+@register
 @dataclass
-class TOVAPress(ScorerPress):
+class TOVAPress(TokenPress):
     name = "tova"
     budget: str = "uniform"
 

@@ -6,8 +6,8 @@ from typing import Protocol, TypeVar
 
 import torch
 
-from kvstore.attention import observing
-from kvstore.prefill import prefill
+from kvstore.engine.attention import observing
+from kvstore.engine.prefill import prefill
 from kvstore.presses.base import ScoringInput
 
 

@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 
-from kvstore.attention import observing
-from kvstore.compressed import CompressedKV, CompressedLayer
-from kvstore.models import LoadedModel
-from kvstore.prefill import prefill
-from kvstore.presses.base import Channels, ScorerPress, ScoringInput
-
-
-def prefill_context(loaded: LoadedModel, document: str, press: ScorerPress | None = None) -> ScoringInput:
-    """Frame and prefill a document (letting `press` watch if it wants); the result is what presses score."""
-    frame = loaded.frame
-    input_ids = frame.context_ids(document)
-    if input_ids.shape[1] == len(frame.head_ids):
-        raise ValueError("the document is empty after tokenization")
-    observer = press.watch_prefill(len(frame.head_ids), input_ids.shape[1]) if press is not None else None
-    with observing(observer) if observer is not None else nullcontext():
-        cache = prefill(loaded.model, input_ids)
-    return ScoringInput(loaded, cache, input_ids, len(frame.head_ids), observer)
+from kvstore.engine.models import LoadedModel
+from kvstore.kv.compressed import CompressedKV, CompressedLayer
+from kvstore.presses.base import Channels, Press, ScoringInput, TokenPress, prefill_context
+from kvstore.presses.budget import Scores
 
 
 def pack(run: ScoringInput, doc_keep: list[torch.Tensor], key_channels: Channels | None = None) -> CompressedKV:
@@ -40,10 +26,23 @@ def pack(run: ScoringInput, doc_keep: list[torch.Tensor], key_channels: Channels
     return CompressedKV(layers, run.input_ids[0].to(torch.int32).cpu(), run.prefix_length)
 
 
+def cut(run: ScoringInput, press: Press, scores: Scores | None = None) -> CompressedKV:
+    """Apply `press` to a prefilled context: keep masks (from `scores` when a token press already scored),
+    then the key channels of what was kept, then pack."""
+    if scores is not None and isinstance(press, TokenPress):
+        masks = press.masks_from_scores(scores, run)
+    else:
+        masks = press.keep_masks(run)
+    return pack(run, masks, press.key_channels(run, masks))
+
+
 def compress(
-    loaded: LoadedModel, document: str, press: ScorerPress, on_stage: Callable[[str], None] | None = None
+    loaded: LoadedModel,
+    document: str | list[int],
+    press: Press,
+    on_stage: Callable[[str], None] | None = None,
 ) -> CompressedKV:
-    """Token selection first, then the press's channel stage (ThinK) on the pairs it kept.
+    """Prefill, then token selection, then the press's channel stage (ThinK) on the pairs it kept.
 
     `on_stage` hears "prefilling" and "scoring" as each starts (workers publish them as progress).
     """
@@ -52,5 +51,4 @@ def compress(
     run = prefill_context(loaded, document, press)
     if on_stage is not None:
         on_stage("scoring")
-    doc_keep = press.keep_masks(run)
-    return pack(run, doc_keep, press.key_channels(run, doc_keep))
+    return cut(run, press)

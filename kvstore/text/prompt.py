@@ -8,6 +8,7 @@ The head is the never-evicted template prefix; the tail also closes KVzip's repe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +37,10 @@ class ChatFrame:
             head, tail = tokenizer.bos_token or "", _FALLBACK_TAIL
         return cls(encode(tokenizer, head), encode(tokenizer, tail), tokenizer)
 
-    def context_ids(self, document: str) -> torch.Tensor:
-        """int64 [1, T] ids of head + document."""
-        return torch.tensor([self.head_ids + encode(self.tokenizer, document)])
+    def context_ids(self, document: str | Sequence[int]) -> torch.Tensor:
+        """int64 [1, T] ids of head + document (its text, or its token ids when already tokenized)."""
+        ids = encode(self.tokenizer, document) if isinstance(document, str) else list(document)
+        return torch.tensor([self.head_ids + ids])
 
     def question_ids(self, question: str) -> list[int]:
         return encode(self.tokenizer, "\n\n" + question.strip()) + self.tail_ids

@@ -1,8 +1,7 @@
-"""Files -> clean text: discovery, format readers, validation, and paragraph-boundary splitting."""
+"""Files -> clean text: discovery, format readers and validation."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -69,43 +68,3 @@ def read_document(path: Path) -> str:
     if not text:
         raise DocumentError(f"{path}: the document is empty")
     return text
-
-
-def split_paragraphs(text: str, count_tokens: Callable[[str], int], max_tokens: int) -> list[str]:
-    """Split at blank lines into parts of at most `max_tokens`; an oversized paragraph splits at sentences,
-    and a sentence still too long (a table, a list, code) into halves at spaces until each fits."""
-    units: list[str] = []
-    for paragraph in re.split(r"\n\s*\n", text):
-        if paragraph.strip():
-            if count_tokens(paragraph) <= max_tokens:
-                units.append(paragraph)
-            else:
-                units += [piece for s in _sentences(paragraph) for piece in _fitting(s, count_tokens, max_tokens)]
-    parts: list[str] = []
-    current: list[str] = []
-    for unit in units:
-        candidate = "\n\n".join([*current, unit])
-        if current and count_tokens(candidate) > max_tokens:
-            parts.append("\n\n".join(current))
-            current = [unit]
-        else:
-            current.append(unit)
-    if current:
-        parts.append("\n\n".join(current))
-    return parts
-
-
-def _sentences(paragraph: str) -> list[str]:
-    return [s for s in re.split(r"(?<=[.!?])\s+", paragraph) if s]
-
-
-def _fitting(unit: str, count_tokens: Callable[[str], int], max_tokens: int) -> list[str]:
-    """`unit` if it fits, else its halves (at the middle space, or mid-string without one), recursively."""
-    if count_tokens(unit) <= max_tokens or len(unit) < 2:
-        return [unit]
-    words = unit.split(" ")
-    if len(words) > 1:
-        halves = [" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2 :])]
-    else:
-        halves = [unit[: len(unit) // 2], unit[len(unit) // 2 :]]
-    return [piece for half in halves if half for piece in _fitting(half, count_tokens, max_tokens)]

@@ -32,7 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvstore.blob import (
+from kvstore.config import Settings
+from kvstore.kv.compressed import CompressedKV
+from kvstore.kv.quant import bits_for
+from kvstore.storage.blob import (
     BlobCorruptError,
     BlobError,
     BlobFormat,
@@ -43,13 +46,10 @@ from kvstore.blob import (
     fsync_dir,
     get_format,
 )
-from kvstore.compressed import CompressedKV
-from kvstore.config import Settings
-from kvstore.index import KEY_PREFIX, ContextIndex, ContextRecord
-from kvstore.quant import bits_for
+from kvstore.storage.index import KEY_PREFIX, ContextIndex, ContextRecord
 
 if TYPE_CHECKING:
-    from kvstore.models import LoadedModel
+    from kvstore.engine.models import LoadedModel
 
 TMP_PREFIX = ".tmp-"
 DEFAULT_GC_GRACE_S = 600.0  # a blob this fresh may belong to a put that has not written its record yet
@@ -93,7 +93,7 @@ class ContextMeta:
 
     @classmethod
     def for_model(cls, loaded: LoadedModel, press: dict[str, Any], **kwargs: Any) -> ContextMeta:
-        """Meta for a context compressed by `loaded` with press params `press` (ScorerPress.params())."""
+        """Meta for a context compressed by `loaded` with press params `press` (Press.params())."""
         return cls(loaded.name, loaded.fingerprint, loaded.tokenizer_fingerprint, press, **kwargs)
 
     @property

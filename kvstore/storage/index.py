@@ -277,10 +277,6 @@ class ContextIndex:
         return self.client.zrange(self._created, 0, -1)
 
     @_guarded
-    def count(self) -> int:
-        return int(self.client.zcard(self._created))
-
-    @_guarded
     def delete(self, context_id: str, if_created: float | None = None) -> bool:
         """Remove a record (only if its created time still equals `if_created`, when given)."""
         expected = "" if if_created is None else repr(if_created)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvstore.attention import RaggedPrefix, clear_pending, hand_over_prefix
-from kvstore.compressed import CompressedKV
+from kvstore.decode.kernels import DEFAULT_KERNEL, Kernel, get_kernel
+from kvstore.decode.prefix import RaggedPrefix
+from kvstore.engine.attention import clear_pending, hand_over_prefix
+from kvstore.kv.compressed import CompressedKV
 
 
 class RaggedLayer(CacheLayerMixin):
@@ -20,10 +22,11 @@ class RaggedLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, prefix: RaggedPrefix, original_length: int):
+    def __init__(self, prefix: RaggedPrefix, original_length: int, kernel: Kernel):
         super().__init__()
         self.prefix = prefix
         self.original_length = original_length
+        self.kernel = kernel
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -37,8 +40,19 @@ class RaggedLayer(CacheLayerMixin):
         else:
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
-        hand_over_prefix(self.keys, self.prefix)
+        hand_over_prefix(self.keys, self)
         return self.keys, self.values
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        suffix_keys: torch.Tensor,
+        suffix_values: torch.Tensor,
+        suffix_mask: torch.Tensor | None,
+        scaling: float,
+    ) -> torch.Tensor:
+        """The attention call this layer's `update` handed over: prefix + suffix through the kernel."""
+        return self.kernel(query, self.prefix, suffix_keys, suffix_values, suffix_mask, scaling)
 
     @property
     def suffix_length(self) -> int:
@@ -72,9 +86,17 @@ class CompressedCache(Cache):
     """Decode many questions against one compressed context; pass as `past_key_values`."""
 
     def __init__(
-        self, compressed: CompressedKV, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+        self,
+        compressed: CompressedKV,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        kernel: str = DEFAULT_KERNEL,
     ):
-        layers = [RaggedLayer(layer.per_head(dtype, device), compressed.original_length) for layer in compressed.layers]
+        attend = get_kernel(kernel)
+        layers = [
+            RaggedLayer(RaggedPrefix.from_layer(layer, dtype, device), compressed.original_length, attend)
+            for layer in compressed.layers
+        ]
         super().__init__(layers=layers)
         self.compressed = compressed
 

@@ -159,8 +159,3 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.
     step = _expand(q.scales, q.axis, q.shape, q.lengths, q.group_size)
     base = _expand(q.zeros, q.axis, q.shape, q.lengths, q.group_size)
     return torch.addcmul(base, _codes(q).float(), step).to(dtype)
-
-
-def half_step(q: QuantizedTensor) -> torch.Tensor:
-    """The per-element error bound of `q`: half of its group's step, shaped like the tensor."""
-    return _expand(q.scales, q.axis, q.shape, q.lengths, q.group_size) / 2

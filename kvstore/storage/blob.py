@@ -32,8 +32,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from kvstore.compressed import CompressedKV, CompressedLayer
-from kvstore.quant import DEFAULT_GROUP_SIZE, KEYS_AXIS, VALUES_AXIS, QuantizedTensor, bits_for, dequantize, quantize
+from kvstore.kv.compressed import CompressedKV, CompressedLayer
+from kvstore.kv.quant import DEFAULT_GROUP_SIZE, KEYS_AXIS, VALUES_AXIS, QuantizedTensor, bits_for, dequantize, quantize
 
 FORMAT_VERSION = 2  # what this code writes
 READABLE_VERSIONS = (1, 2)  # version 1: no key channel pruning (no `key_channels` in the header)

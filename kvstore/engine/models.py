@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from kvstore.attention import ATTENTION_NAME
 from kvstore.config import Settings
-from kvstore.prompt import ChatFrame
+from kvstore.engine.attention import ATTENTION_NAME
+from kvstore.text.prompt import ChatFrame
 
 log = logging.getLogger(__name__)
 

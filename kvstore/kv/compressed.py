@@ -10,8 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstore.attention import RaggedPrefix
-
 
 @dataclass
 class CompressedLayer:
@@ -74,16 +72,6 @@ class CompressedLayer:
         if self.key_channels is not None:
             tensors += (self.key_channels,)
         return sum(t.numel() * t.element_size() for t in tensors)
-
-    def per_head(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> RaggedPrefix:
-        """Split into one tensor per head (views of the packed rows when no cast or move is needed)."""
-        sizes = self.lengths.tolist()
-        keys = self.keys.to(device=device, dtype=dtype or self.keys.dtype)
-        values = self.values.to(device=device, dtype=dtype or self.values.dtype)
-        channels = None
-        if self.key_channels is not None:
-            channels = list(self.key_channels.to(device=keys.device, dtype=torch.long).unbind(0))
-        return RaggedPrefix(list(keys.split(sizes)), list(values.split(sizes)), channels)
 
 
 @dataclass

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import torch
 
-from kvstore.cache import CompressedCache
-from kvstore.models import LoadedModel
+from kvstore.decode.cache import CompressedCache
+from kvstore.engine.models import LoadedModel
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
