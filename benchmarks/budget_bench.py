@@ -18,7 +18,7 @@ import torch
 
 from kvstore.compress import pack
 from kvstore.decode.cache import CompressedCache
-from kvstore.decode.generation import answer_many
+from kvstore.decode.generation import GenerationOptions, answer_many
 from kvstore.engine.models import LoadedModel, load_model
 from kvstore.eval.haystack import tokenizer_counter
 from kvstore.eval.tasks import Sample, make_niah
@@ -43,7 +43,9 @@ def run_case(
 
     def ask(masks: list[torch.Tensor]) -> float:
         cache = CompressedCache(pack(run, masks), device=loaded.device)
-        return sample.score(answer_many(loaded, cache, [sample.question], max_new_tokens)[0])
+        return sample.score(
+            answer_many(loaded, cache, [sample.question], GenerationOptions(max_new_tokens=max_new_tokens))[0]
+        )
 
     outcome = {(FULL, 0.0): ask(run.keep_all())}
     for ratio in ratios:

@@ -28,7 +28,7 @@ from kvstore.client import KVStore
 from kvstore.config import Settings
 from kvstore.storage.index import ContextIndex, open_redis
 from workers import jobs
-from workers.app import close_app, create_app
+from workers.celery import close_app, create_app
 
 DEFAULT_HAYSTACK = Path("/work/shared/data/haystack")
 KVSTORE = str(Path(sys.executable).with_name("kvstore"))

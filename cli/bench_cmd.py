@@ -7,21 +7,20 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
 from rich.table import Table
 
 from cli.console import make_console
 from cli.eval_cmd import parse_numbers, parse_spec
-from cli.options import haystack_option
-from kvstore.config import Settings
-from kvstore.decode.cache import CompressedCache
-from kvstore.engine.models import load_model
-from kvstore.eval.haystack import filler, tokenizer_counter
-from kvstore.eval.perf import PerfRow, ThroughputRow, measure_length, measure_throughput
-from kvstore.kv.quant import QUANT_BITS
-from kvstore.storage.store import ContextStore
+from cli.options import haystack_option, model_option, quiet_transformers, with_settings
+from kvstore.config import QUANT_BITS, Settings
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvstore.eval.perf import PerfRow, ThroughputRow
 
 console = make_console()
 THROUGHPUT_QUESTIONS = [
@@ -34,7 +33,7 @@ THROUGHPUT_QUESTIONS = [
 
 
 @click.command("bench")
-@click.option("--model", "-m", default=None, help="Model (default: KVSTORE_MODEL or smollm2-135m).")
+@model_option
 @click.option(
     "--press", default="kvzip", show_default=True, callback=parse_spec, help="Press spec, e.g. kvzip+think:0.25."
 )
@@ -62,8 +61,8 @@ THROUGHPUT_QUESTIONS = [
     default=None,
     help="Where bench.json and bench.png go (default results/bench-<time>).",
 )
+@with_settings
 def bench(
-    model: str | None,
     press: str,
     ratio: float,
     quant: str,
@@ -71,6 +70,7 @@ def bench(
     batch_sizes: list[float],
     haystack: str | None,
     out: str | None,
+    settings: Settings,
 ) -> None:
     """Measure prefill, scoring, write, load, time to first token and decode speed per context length.
 
@@ -81,7 +81,13 @@ def bench(
     Example:
         kvstore bench --lengths 1000,4000 --questions 1,8,32
     """
-    settings = Settings().with_overrides(model=model)
+    from kvstore.decode.cache import CompressedCache
+    from kvstore.engine.models import load_model
+    from kvstore.eval.haystack import filler, tokenizer_counter
+    from kvstore.eval.perf import measure_length, measure_throughput
+    from kvstore.storage.store import ContextStore
+
+    quiet_transformers()
     loaded = load_model(settings.model, settings)
     count = tokenizer_counter(loaded.tokenizer)
     out_dir = Path(out or f"results/bench-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -122,6 +128,8 @@ def bench(
 
 
 def torch_device_name(device: torch.device) -> str:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({torch.get_num_threads()} threads)"
@@ -173,7 +181,9 @@ def _throughput_table(rows: list[ThroughputRow], tokens: int) -> Table:
 
 
 def _plot(rows: list[PerfRow], path: Path, device: str) -> None:
-    import matplotlib
+    from kvstore.errors import import_extra
+
+    matplotlib = import_extra("matplotlib", "eval")
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt

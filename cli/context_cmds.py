@@ -1,15 +1,25 @@
-"""Commands over stored contexts: ls, show, ask, rm, gc, stats."""
+"""Commands over stored contexts: ls, show, ask, rm, gc, stats.
+
+ls, show, rm, gc and stats read only the index (and blob files for gc): they import no torch and
+load no model. ask loads the model when it has something to answer.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
 
 from cli.console import make_console
-from cli.options import open_client, store_options
-from kvstore.storage.index import ContextRecord
+from cli.options import json_option, model_option, print_json, ref_argument, store_options, with_settings
+from kvstore.config import Settings
+
+if TYPE_CHECKING:
+    from kvstore.storage.index import ContextRecord
+    from kvstore.storage.store import ContextStore
 
 console = make_console()
 
@@ -31,18 +41,30 @@ def _when(epoch: float) -> str:
     return dt.datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M")
 
 
+def open_store(settings: Settings) -> ContextStore:
+    from kvstore.storage.store import ContextStore
+
+    return ContextStore.open(settings)
+
+
 @click.command("ls")
-@click.option("--limit", "-n", default=50, show_default=True, help="Show at most this many contexts.")
+@click.option("--limit", "-n", default=50, show_default=True, type=click.IntRange(1), help="Show at most this many.")
+@json_option
 @store_options
-def list_contexts(limit: int, home: str | None, redis_url: str | None) -> None:
+@with_settings
+def list_contexts(limit: int, as_json: bool, settings: Settings) -> None:
     """List stored contexts, newest first.
 
     \b
     Example:
         kvstore ls -n 20
+        kvstore ls --json | jq '.[].id'
     """
-    with open_client(home, redis_url=redis_url) as kv:
-        records = kv.store.list(limit)
+    with open_store(settings) as store:
+        records = store.list(limit)
+    if as_json:
+        print_json([asdict(r) for r in records])
+        return
     table = Table(title=f"{len(records)} contexts")
     for column in ("id", "source", "part", "tokens", "press", "removed", "quant", "size", "created"):
         table.add_column(column, overflow="fold")
@@ -62,19 +84,28 @@ def list_contexts(limit: int, home: str | None, redis_url: str | None) -> None:
 
 
 @click.command()
-@click.argument("ref")
+@ref_argument()
+@json_option
 @store_options
-def show(ref: str, home: str | None, redis_url: str | None) -> None:
+@with_settings
+def show(ref: str, as_json: bool, settings: Settings) -> None:
     """Show everything about one context: metadata, sizes, compression achieved.
 
-    REF is an id, a unique id prefix, or the path of an ingested document.
+    REF is an id, a unique id prefix, or the path of an ingested document (every part is shown).
+    Reads only the index: no model is loaded.
 
     \b
     Example:
         kvstore show 3f2a9c1b
+        kvstore show docs/report.md --json
     """
-    with open_client(home, redis_url=redis_url) as kv:
-        records = kv.resolve(ref)
+    from kvstore.refs import resolve, stored_under
+
+    with open_store(settings) as store:
+        records = resolve(store, ref, stored_under(settings))
+    if as_json:
+        print_json([asdict(r) for r in records])
+        return
     for record in records:
         console.print(_record_table(record))
 
@@ -104,11 +135,15 @@ def _record_table(r: ContextRecord) -> Table:
 
 
 @click.command()
-@click.argument("ref")
+@ref_argument()
 @click.argument("questions", nargs=-1, required=True)
-@click.option("--max-new-tokens", default=64, show_default=True, help="Longest answer, in tokens.")
+@click.option(
+    "--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096), help="Longest answer, in tokens."
+)
+@model_option
 @store_options
-def ask(ref: str, questions: tuple[str, ...], max_new_tokens: int, home: str | None, redis_url: str | None) -> None:
+@with_settings
+def ask(ref: str, questions: tuple[str, ...], max_new_tokens: int, settings: Settings) -> None:
     """Answer questions from a stored context, without prefilling the document again.
 
     REF is an id, a unique id prefix, or the path of an ingested document (every part of a
@@ -118,36 +153,44 @@ def ask(ref: str, questions: tuple[str, ...], max_new_tokens: int, home: str | N
     Example:
         kvstore ask docs/lighthouse.md "What color is the door?" "How tall is it?"
     """
-    with open_client(home, redis_url=redis_url) as kv:
+    from cli.options import quiet_transformers
+    from kvstore.client import KVStore
+
+    quiet_transformers()
+    with KVStore(settings) as kv:
         contexts = kv.contexts(ref)
         for context in contexts:
             label = f"[dim]{context.record.source or context.record.id[:12]}"
             label += f" part {context.record.part + 1}/{context.record.parts}[/]" if len(contexts) > 1 else "[/]"
             if len(questions) == 1:
                 console.print(label)
-                for piece in context.stream(questions[0], max_new_tokens):
+                for piece in context.stream(questions[0], max_new_tokens=max_new_tokens):
                     console.out(piece, end="", highlight=False)
                 console.out("")
                 continue
-            for question, answer in zip(questions, context.ask_many(list(questions), max_new_tokens), strict=True):
+            answers = context.ask_many(list(questions), max_new_tokens=max_new_tokens)
+            for question, answer in zip(questions, answers, strict=True):
                 console.print(f"{label} [bold]{question}[/]")
                 console.out(answer, highlight=False)
 
 
 @click.command("rm")
-@click.argument("refs", nargs=-1, required=True)
+@ref_argument("refs", nargs=-1, required=True)
 @store_options
-def remove(refs: tuple[str, ...], home: str | None, redis_url: str | None) -> None:
+@with_settings
+def remove(refs: tuple[str, ...], settings: Settings) -> None:
     """Delete stored contexts (record first, then blob).
 
     \b
     Example:
         kvstore rm 3f2a9c1b docs/old.md
     """
-    with open_client(home, redis_url=redis_url) as kv:
-        records = [record for ref in refs for record in kv.resolve(ref)]
+    from kvstore.refs import resolve, stored_under
+
+    with open_store(settings) as store:
+        records = [record for ref in refs for record in resolve(store, ref, stored_under(settings))]
         for record in records:
-            kv.store.delete(record.id)
+            store.delete(record.id)
             console.print(f"removed {record.id[:12]} ({record.source or '-'})")
 
 
@@ -156,18 +199,20 @@ def remove(refs: tuple[str, ...], home: str | None, redis_url: str | None) -> No
     "--grace",
     default=600.0,
     show_default=True,
+    type=click.FloatRange(0.0),
     help="Leave blobs younger than this many seconds (a write may still be committing).",
 )
 @store_options
-def gc(grace: float, home: str | None, redis_url: str | None) -> None:
+@with_settings
+def gc(grace: float, settings: Settings) -> None:
     """Remove orphan blobs, interrupted writes, and records whose blob is gone.
 
     \b
     Example:
-        kvstore gc --grace 0
+        kvstore gc
     """
-    with open_client(home, redis_url=redis_url) as kv:
-        report = kv.store.gc(grace_s=grace)
+    with open_store(settings) as store:
+        report = store.gc(grace_s=grace)
     console.print(
         f"orphan blobs: {len(report.orphan_blobs)}, temp files: {len(report.temp_files)}, "
         f"stale records: {len(report.stale_records)}, freed {_size(report.freed_bytes)}"
@@ -175,16 +220,21 @@ def gc(grace: float, home: str | None, redis_url: str | None) -> None:
 
 
 @click.command()
+@json_option
 @store_options
-def stats(home: str | None, redis_url: str | None) -> None:
+@with_settings
+def stats(as_json: bool, settings: Settings) -> None:
     """Totals: contexts, tokens, bytes stored and bytes saved versus full caches.
 
     \b
     Example:
         kvstore stats
     """
-    with open_client(home, redis_url=redis_url) as kv:
-        totals = kv.store.stats()
+    with open_store(settings) as store:
+        totals = store.stats()
+    if as_json:
+        print_json({**asdict(totals), "saving": totals.saving})
+        return
     console.print(
         f"contexts: {totals.contexts:,}\ncontext tokens: {totals.context_tokens:,}\n"
         f"stored: {_size(totals.stored_bytes)}\nfull caches would take: {_size(totals.full_bytes)}\n"

@@ -7,22 +7,19 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cli.console import make_console
-from cli.options import haystack_option
-from kvstore.config import Settings
-from kvstore.engine.models import load_model
-from kvstore.eval.haystack import tokenizer_counter
-from kvstore.eval.report import plot_accuracy, summarize, write_results
-from kvstore.eval.runner import CaseResult, evaluate
+from cli.options import haystack_option, model_option, quiet_transformers, with_settings
+from kvstore.config import QUANT_BITS, Settings
 from kvstore.eval.tasks import TASKS, make_suite
-from kvstore.kv.quant import QUANT_BITS
-from kvstore.presses import parse_press_spec
-from kvstore.storage.store import ContextStore
+
+if TYPE_CHECKING:
+    from kvstore.eval.runner import CaseResult
 
 console = make_console()
 
@@ -39,6 +36,8 @@ def parse_numbers(ctx: click.Context, param: click.Parameter, value: str) -> lis
 
 def parse_spec(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """One press spec, checked by building it once."""
+    from kvstore.presses import parse_press_spec
+
     try:
         parse_press_spec(value, 0.5)
     except ValueError as exc:
@@ -65,7 +64,7 @@ def _names(choices: list[str]) -> Callable[[click.Context, click.Parameter, str]
 
 
 @click.command("eval")
-@click.option("--model", "-m", default=None, help="Model to evaluate (default: KVSTORE_MODEL or smollm2-135m).")
+@model_option
 @click.option(
     "--press",
     "presses",
@@ -104,8 +103,8 @@ def _names(choices: list[str]) -> Callable[[click.Context, click.Parameter, str]
     default=None,
     help="Where results.json, summary.csv and plots go (default results/eval-<time>).",
 )
+@with_settings
 def evaluate_command(
-    model: str | None,
     presses: list[str],
     ratios: list[float],
     tasks: list[str],
@@ -116,6 +115,7 @@ def evaluate_command(
     seed: int,
     max_new_tokens: int,
     out: str | None,
+    settings: Settings,
 ) -> None:
     """Measure accuracy vs compression ratio on synthetic tasks, question-agnostic.
 
@@ -128,7 +128,13 @@ def evaluate_command(
         kvstore eval --press kvzip,streaming --ratio 0.5,0.75,0.9 --tasks niah_single --n 20 \\
             --context-tokens 1500 --haystack ../shared/data/haystack
     """
-    settings = Settings().with_overrides(model=model)
+    from kvstore.engine.models import load_model
+    from kvstore.eval.haystack import tokenizer_counter
+    from kvstore.eval.report import plot_accuracy, write_results
+    from kvstore.eval.runner import evaluate
+    from kvstore.storage.store import ContextStore
+
+    quiet_transformers()
     loaded = load_model(settings.model, settings)
     count = tokenizer_counter(loaded.tokenizer)
     samples = [s for length in context_tokens for s in make_suite(tasks, n, int(length), seed, haystack, count)]
@@ -158,6 +164,8 @@ def evaluate_command(
 
 
 def _table(results: list[CaseResult]) -> Table:
+    from kvstore.eval.report import summarize
+
     table = Table(title="accuracy by task")
     for column in ("task", "method", "ratio", "accuracy", "cases", "removed", "bytes/token", "score/prefill"):
         table.add_column(column)
@@ -187,6 +195,9 @@ def report_command(results: tuple[str, ...], out: str) -> None:
     Example:
         kvstore report results/run-a/results.jsonl results/run-b/results.jsonl --out results/merged
     """
+    from kvstore.eval.report import plot_accuracy, write_results
+    from kvstore.eval.runner import CaseResult
+
     cases = [CaseResult(**json.loads(line)) for path in results for line in Path(path).read_text().splitlines() if line]
     files = write_results(cases, Path(out)) + plot_accuracy(cases, Path(out))
     console.print(_table(cases))

@@ -5,16 +5,28 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from cli.console import make_console
-from cli.options import compression_options, open_client, store_options
-from kvstore.client import KVStore
-from kvstore.presses.base import Press
+from cli.errors import EXIT_ERROR, EXIT_PARTIAL, fail
+from cli.options import compression_options, given_compression, quiet_transformers, store_options, with_settings
+from kvstore.config import Settings
 from kvstore.text.documents import DocumentError, discover, read_document
+
+if TYPE_CHECKING:
+    from kvstore.client import KVStore
+    from kvstore.presses.base import Press
 
 console = make_console(stderr=True)
 
@@ -49,21 +61,14 @@ class IngestSummary:
 @click.option("--queue", is_flag=True, help="Run on the workers (`kvstore worker`): submit, then follow the job.")
 @compression_options
 @store_options
-def ingest(
-    paths: tuple[str, ...],
-    queue: bool,
-    home: str | None,
-    redis_url: str | None,
-    model: str | None,
-    press: str | None,
-    ratio: float | None,
-    quant: str | None,
-    blob_format: str | None,
-) -> None:
+@with_settings
+def ingest(paths: tuple[str, ...], queue: bool, settings: Settings) -> None:
     """Compress and store documents: files or folders (recursive; .txt .md .rst .html).
 
     Documents longer than the model's window are split at paragraph boundaries into linked parts.
-    A document already stored with the same settings is skipped without recomputation.
+    A document already stored with the same settings is skipped without recomputation. Progress
+    shows each document's stage (prefilling, scoring, writing), the tokens done and an ETA.
+    Exit 1 when nothing could be stored, 5 when some documents failed and the others were stored.
 
     \b
     Examples:
@@ -73,19 +78,18 @@ def ingest(
     if queue:
         from cli.worker_cmds import submit_and_wait
 
-        overrides = {"model": model, "press": press, "ratio": ratio, "quant": quant, "blob_format": blob_format}
-        submit_and_wait(paths, overrides, home, redis_url)
+        submit_and_wait(paths, given_compression(), settings)
         return
     files = discover(paths)
     if not files:
-        raise click.ClickException(f"no supported documents under {', '.join(paths)}")
-    kv = open_client(
-        home, redis_url=redis_url, model=model, press=press, ratio=ratio, quant=quant, blob_format=blob_format
-    )
-    with kv:
-        compressor = kv.press()  # validates press and ratio before the model loads
+        fail(f"no supported documents under {', '.join(paths)}")
+    from kvstore.client import KVStore
+
+    quiet_transformers()
+    with KVStore(settings) as kv:
+        compressor = kv.press()  # validates the press spec before the model loads
         summary = IngestSummary()
-        texts = _read_all(files, summary)  # bad files fail here, before any model work
+        texts = _read_all(files, summary, settings.max_document_bytes)  # bad files fail here, before model work
         if texts:
             console.print(f"loading model [bold]{kv.settings.model}[/]")
             kv.model()
@@ -93,18 +97,37 @@ def ingest(
     console.print(summary.table())
     console.print(f"{summary.tokens:,} context tokens; {summary.bytes_saved / 2**20:,.1f} MiB saved vs full caches")
     if summary.failed:
-        raise SystemExit(1)
+        raise SystemExit(EXIT_PARTIAL if summary.stored or summary.duplicates else EXIT_ERROR)
 
 
-def _read_all(files: list[Path], summary: IngestSummary) -> dict[Path, str]:
+def _read_all(files: list[Path], summary: IngestSummary, max_bytes: int) -> dict[Path, str]:
     """Text of every readable file; the others are recorded as failed with the reason."""
     texts = {}
     for path in files:
         try:
-            texts[path] = read_document(path)
+            texts[path] = read_document(path, max_bytes)
         except DocumentError as exc:
             summary.failed.append((str(path), str(exc).removeprefix(f"{path}: ")))
     return texts
+
+
+class PartProgress:
+    """The second bar: the stage of the document part being worked on, tokens done, and an ETA."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.bar = progress.add_task("", total=None, visible=False, detail="")
+
+    def __call__(self, stage: str, *, tokens: int, part: int, parts: int, done: int) -> None:
+        of = f" part {part + 1}/{parts}" if parts > 1 else ""
+        total = 1 if stage == "writing" else tokens
+        if done == 0:  # a new stage: its own ETA
+            self.progress.reset(self.bar, total=total, visible=True)
+        detail = f"{min(done, total):,}/{total:,} tok" if stage != "writing" else ""
+        self.progress.update(self.bar, description=f"  {stage}{of}", completed=min(done, total), detail=detail)
+
+    def close(self) -> None:
+        self.progress.remove_task(self.bar)
 
 
 def _ingest_all(kv: KVStore, texts: dict[Path, str], compressor: Press, summary: IngestSummary) -> None:
@@ -113,16 +136,17 @@ def _ingest_all(kv: KVStore, texts: dict[Path, str], compressor: Press, summary:
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:,.0f} tok/s"),
-        TextColumn("saved {task.fields[saved]}"),
+        TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
     ]
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("ingesting", total=len(texts), rate=0.0, saved="0 B")
+        task = progress.add_task("ingesting", total=len(texts), detail="")
         for path, text in texts.items():
             progress.update(task, description=f"ingesting {path.name}")
+            stage = PartProgress(progress)
             try:
-                parts = kv.ingest_text(text, str(path), compressor)
+                parts = kv.ingest_text(text, str(path), compressor, report=stage)
             except DocumentError as exc:
                 summary.failed.append((str(path), str(exc).removeprefix(f"{path}: ")))
             else:
@@ -130,9 +154,7 @@ def _ingest_all(kv: KVStore, texts: dict[Path, str], compressor: Press, summary:
                 (summary.stored if new else summary.duplicates).append(path.name)
                 summary.tokens += sum(p.record.original_length for p in new)
                 summary.bytes_saved += sum(p.record.full_bytes - p.record.bytes for p in new)
-            progress.update(
-                task,
-                advance=1,
-                rate=summary.tokens / (time.perf_counter() - started),
-                saved=f"{summary.bytes_saved / 2**20:,.1f} MiB",
-            )
+            finally:
+                stage.close()
+            rate = summary.tokens / (time.perf_counter() - started)
+            progress.update(task, advance=1, detail=f"{rate:,.0f} tok/s, saved {summary.bytes_saved / 2**20:,.1f} MiB")

@@ -1,19 +1,23 @@
-"""The `kvstore` command line: a thin click layer over the kvstore library."""
+"""The `kvstore` command line: a thin click layer over the kvstore library.
+
+Command modules import only click, rich and kvstore's light modules at import time; each command
+imports the heavy parts (torch, transformers, Celery) when it runs, so `kvstore --help`, `ls`,
+`show`, `rm`, `gc`, `stats`, `status` and `submit` start in well under a second.
+"""
 
 from __future__ import annotations
 
 import click
-import transformers
 
 from cli.bench_cmd import bench
 from cli.context_cmds import ask, gc, list_contexts, remove, show, stats
-from cli.errors import FriendlyGroup
+from cli.errors import EXIT_CODES_HELP, FriendlyGroup
 from cli.eval_cmd import evaluate_command, report_command
 from cli.ingest_cmd import ingest
 from cli.worker_cmds import status_cmd, submit_cmd, worker
 
 
-@click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.version_option(package_name="kvstore")
 def main() -> None:
     """kvstore: prefill documents once, store their compressed KV caches, answer many questions.
@@ -26,13 +30,12 @@ def main() -> None:
 
     Settings come from flags or env vars: KVSTORE_HOME (store folder, default ~/.kvstore),
     KVSTORE_REDIS_URL (shared index; default embedded Redis), KVSTORE_MODEL, KVSTORE_PRESS,
-    KVSTORE_RATIO, KVSTORE_QUANT, KVSTORE_FORMAT, KVSTORE_DEVICE.
+    KVSTORE_RATIO, KVSTORE_QUANT, KVSTORE_FORMAT, KVSTORE_DEVICE, KVSTORE_MAX_DOCUMENT_MB.
+    Shell completion (context ids too): eval "$(_KVSTORE_COMPLETE=bash_source kvstore)".
     """
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
-COMMANDS = (
+for command in (
     ingest,
     list_contexts,
     show,
@@ -46,6 +49,5 @@ COMMANDS = (
     worker,
     submit_cmd,
     status_cmd,
-)
-for command in COMMANDS:
+):
     main.add_command(command)

@@ -7,11 +7,23 @@ as `kvstore.config` or `kvstore.storage.index` does not pull in torch and transf
 from __future__ import annotations
 
 from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-_EXPORTS = {"KVStore": "kvstore.client", "LoadedContext": "kvstore.client", "Settings": "kvstore.config"}
+try:
+    __version__ = version("kvstore")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
 
-__all__ = list(_EXPORTS)
+_EXPORTS = {
+    "KVStore": "kvstore.client",
+    "LoadedContext": "kvstore.client",
+    "Settings": "kvstore.config",
+    "Answer": "kvstore.decode.generation",
+    "GenerationOptions": "kvstore.decode.generation",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
 
 
 def __getattr__(name: str) -> Any:

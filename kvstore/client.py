@@ -15,19 +15,33 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from transformers import GenerationConfig
 
 from kvstore.config import Settings
 from kvstore.decode.cache import CompressedCache
-from kvstore.decode.generation import DEFAULT_MAX_NEW_TOKENS, answer_many, stream_answer
+from kvstore.decode.generation import GREEDY, Answer, GenerationOptions, answer_many, stream_answer
 from kvstore.engine.models import LoadedModel, load_model
 from kvstore.ingest import IngestedPart, ingest_text
 from kvstore.presses import parse_press_spec
 from kvstore.presses.base import Press
+from kvstore.refs import resolve
+from kvstore.stages import StageReport
 from kvstore.storage.index import ContextRecord
-from kvstore.storage.store import ContextNotFoundError, ContextStore, document_sha256
+from kvstore.storage.store import ContextNotFoundError, ContextStore
 from kvstore.text.documents import discover, read_document
 
-MIN_ID_PREFIX = 6
+Options = GenerationOptions | GenerationConfig | None
+
+
+def generation_options(options: Options = None, **fields: Any) -> GenerationOptions:
+    """One GenerationOptions from a GenerationOptions, a transformers GenerationConfig, or keyword fields."""
+    if options is not None and fields:
+        raise TypeError("pass generation options either as an object or as keywords, not both")
+    if isinstance(options, GenerationConfig):
+        return GenerationOptions.from_config(options)
+    return options or (GenerationOptions(**fields) if fields else GREEDY)
 
 
 @dataclass
@@ -38,28 +52,38 @@ class LoadedContext:
     loaded: LoadedModel
     cache: CompressedCache
 
-    def ask(self, question: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> str:
-        return self.ask_many([question], max_new_tokens)[0]
+    def ask(self, question: str, options: Options = None, **generation: Any) -> Answer:
+        """One answer, decoded against the compressed prefix (greedy unless options say otherwise)."""
+        return self.ask_many([question], options, **generation)[0]
 
-    def ask_many(self, questions: list[str], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[str]:
+    def ask_many(self, questions: list[str], options: Options = None, **generation: Any) -> list[Answer]:
         """All questions decoded as one batch against the shared compressed prefix."""
-        return answer_many(self.loaded, self.cache, questions, max_new_tokens)
+        chosen = generation_options(options, **generation)
+        return answer_many(self.loaded, self.cache, questions, chosen, contexts=(self.record.id,))
 
-    def stream(self, question: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Iterator[str]:
-        return stream_answer(self.loaded, self.cache, question, max_new_tokens)
+    def stream(self, question: str, options: Options = None, **generation: Any) -> Iterator[str]:
+        """The answer's text, piece by piece as it is decoded."""
+        return stream_answer(self.loaded, self.cache, question, generation_options(options, **generation))
 
 
 class KVStore:
-    """A store plus the models and contexts it has loaded (kept up to `max_contexts`, LRU)."""
+    """A store plus the models and contexts it has loaded (kept up to `max_contexts`, LRU).
 
-    def __init__(self, settings: Settings | None = None, max_contexts: int = 8, **overrides: object):
-        self.settings = (settings or Settings()).with_overrides(**overrides)
+    `settings` is used whole; keyword fields (home=..., ratio=..., ...) build one from the
+    environment instead, each validated by `Settings`.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, max_contexts: int = 8, **fields: Any):
+        if settings is not None and fields:
+            raise TypeError("pass either a Settings object or keyword settings, not both")
+        self.settings = settings or Settings().with_overrides(**fields)
         self.store = ContextStore.open(self.settings)
         self.max_contexts = max_contexts
         self._models: dict[str, LoadedModel] = {}
         self._contexts: OrderedDict[str, LoadedContext] = OrderedDict()
 
     def close(self) -> None:
+        """Release the index connection (an embedded Redis stops when its last client leaves)."""
         self.store.close()
 
     def __enter__(self) -> KVStore:
@@ -84,9 +108,17 @@ class KVStore:
     # -- ingest -----------------------------------------------------------------------------------
 
     def ingest_text(
-        self, text: str, source: str = "", press: Press | None = None, model: str | None = None
+        self,
+        text: str,
+        source: str = "",
+        press: Press | None = None,
+        model: str | None = None,
+        report: StageReport | None = None,
     ) -> list[IngestedPart]:
-        """Store a document (several linked parts if it is longer than the model's window)."""
+        """Store a document (several linked parts if it is longer than the model's window).
+
+        `report` hears each part's stages and tokens done (see `kvstore.stages.StageReport`).
+        """
         return ingest_text(
             self.model(model),
             self.store,
@@ -95,42 +127,31 @@ class KVStore:
             source=source,
             quant=self.settings.quant,
             blob_format=self.settings.blob_format,
+            report=report,
         )
 
     def ingest_files(self, paths: Iterable[str | Path], press: Press | None = None) -> list[IngestedPart]:
-        """Files and folders (recursive); raises DocumentError on the first bad file."""
-        return [part for path in discover(paths) for part in self.ingest_text(read_document(path), str(path), press)]
+        """Files and folders (recursive), read exactly as `kvstore ingest` reads them; raises DocumentError
+        on the first bad file."""
+        limit = self.settings.max_document_bytes
+        return [
+            part for path in discover(paths) for part in self.ingest_text(read_document(path, limit), str(path), press)
+        ]
 
     # -- lookup -----------------------------------------------------------------------------------
 
-    def resolve(self, ref: str) -> list[ContextRecord]:
-        """Records for an id, a unique id prefix, or the path of an ingested document (all its parts)."""
-        record = self.store.get(ref)
-        if record is not None:
-            return [record]
-        path = Path(ref).expanduser()
-        if path.is_file():
-            return self._records_for_document(read_document(path), ref)
-        if len(ref) >= MIN_ID_PREFIX:
-            matches = [cid for cid in self.store.index.ids() if cid.startswith(ref)]
-            if len(matches) == 1:
-                return [self.store.require(matches[0])]
-            if matches:
-                raise ContextNotFoundError(f"id prefix {ref!r} is ambiguous ({len(matches)} contexts)")
-        raise ContextNotFoundError(f"no stored context for {ref!r} (an id, an id prefix or an ingested file)")
+    def _stored_here(self, record: ContextRecord) -> bool:
+        """Whether a record was stored under this client's model, press and quantization."""
+        same_model = record.model_fingerprint == self.model().fingerprint
+        return same_model and record.press == self.press().params() and record.quant == self.settings.quant
 
-    def _records_for_document(self, text: str, ref: str) -> list[ContextRecord]:
-        """Parts stored under the current settings, else the newest parts stored under any."""
-        sha = document_sha256(text)
-        loaded = self.model()
-        found = self.store.find(sha, loaded.fingerprint, self.press().params(), self.settings.quant)
-        if not found:  # ingested under other settings: take the newest ones
-            newest = next((r for r in self.store.list() if r.document_sha256 == sha), None)
-            if newest is not None:
-                found = self.store.find(sha, newest.model_fingerprint, newest.press, newest.quant)
-        if not found:
-            raise ContextNotFoundError(f"{ref} has not been ingested yet: run `kvstore ingest {ref}`")
-        return found
+    def resolve(self, ref: str) -> list[ContextRecord]:
+        """Records for an id, a unique id prefix, or the path of an ingested document (all its parts).
+
+        A document stored under several settings resolves to the version stored under this client's
+        settings, else to the newest one.
+        """
+        return resolve(self.store, ref, self._stored_here)
 
     def context(self, ref: str | ContextRecord) -> LoadedContext:
         """Load (or reuse) one stored context; a multi-part document must be addressed by part id."""
@@ -155,19 +176,26 @@ class KVStore:
 
     # -- questions --------------------------------------------------------------------------------
 
-    def ask(self, ref: str, question: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> str:
-        return self.context(ref).ask(question, max_new_tokens)
+    def ask(self, ref: str, question: str, options: Options = None, **generation: Any) -> Answer:
+        """One answer from a stored context (an Answer is a str that also names its contexts and token counts).
 
-    def ask_many(self, ref: str, questions: list[str], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[str]:
-        return self.context(ref).ask_many(questions, max_new_tokens)
+        Generation options come as a GenerationOptions, a transformers GenerationConfig, or keywords:
+        `kv.ask(ref, q, max_new_tokens=32, temperature=0.7, stop=["\\n"])`.
+        """
+        return self.context(ref).ask(question, options, **generation)
 
-    def stream(self, ref: str, question: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Iterator[str]:
-        return self.context(ref).stream(question, max_new_tokens)
+    def ask_many(self, ref: str, questions: list[str], options: Options = None, **generation: Any) -> list[Answer]:
+        """Several answers from one stored context, decoded as one batch against its shared prefix."""
+        return self.context(ref).ask_many(questions, options, **generation)
+
+    def stream(self, ref: str, question: str, options: Options = None, **generation: Any) -> Iterator[str]:
+        """The answer's text piece by piece as it is decoded."""
+        return self.context(ref).stream(question, options, **generation)
 
     def cache(self, ref: str) -> CompressedCache:
         """The transformers Cache for callers running `model.generate` themselves.
 
         Pass the context's token ids followed by the question as input_ids and this cache as
-        past_key_values; call `cache.reset()` before reusing it for another question.
+        `cache=`; call `cache.reset()` before reusing it for another question.
         """
         return self.context(ref).cache

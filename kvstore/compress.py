@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from kvstore.engine.models import LoadedModel
 from kvstore.kv.compressed import CompressedKV, CompressedLayer
 from kvstore.presses.base import Channels, Press, ScoringInput, TokenPress, prefill_context
 from kvstore.presses.budget import Scores
+from kvstore.stages import Progress
 
 
 def pack(run: ScoringInput, doc_keep: list[torch.Tensor], key_channels: Channels | None = None) -> CompressedKV:
@@ -40,15 +39,16 @@ def compress(
     loaded: LoadedModel,
     document: str | list[int],
     press: Press,
-    on_stage: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> CompressedKV:
     """Prefill, then token selection, then the press's channel stage (ThinK) on the pairs it kept.
 
-    `on_stage` hears "prefilling" and "scoring" as each starts (workers publish them as progress).
+    `progress` hears ("prefilling", tokens done) after each prefill chunk, then ("scoring", tokens
+    done) as the press reports it (KVzip: per reconstructed chunk); workers publish it as task state.
     """
-    if on_stage is not None:
-        on_stage("prefilling")
-    run = prefill_context(loaded, document, press)
-    if on_stage is not None:
-        on_stage("scoring")
+    report = progress or (lambda stage, done: None)
+    report("prefilling", 0)
+    run = prefill_context(loaded, document, press, lambda done: report("prefilling", done))
+    report("scoring", 0)
+    run.progress = lambda done: report("scoring", done)
     return cut(run, press)

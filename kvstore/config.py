@@ -1,37 +1,162 @@
-"""Settings shared by the library, the CLI and the workers, read from env vars with flag overrides."""
+"""Settings shared by the library, the CLI and the workers: one typed object, validated once.
+
+Every field reads its env var (see README) unless given; `__post_init__` checks and converts all
+of them, so a bad value fails where it enters (a flag, an env var, a task message) with one line
+naming the setting. Importing this module loads no torch.
+"""
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field, replace
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
+
+from kvstore.errors import InputError
 
 DEFAULT_MODEL = "smollm2-135m"
+QUANT_BITS: dict[str, int | None] = {"none": None, "int8": 8, "int4": 4}
+BLOB_FORMATS = ("safetensors", "zarr")
+_DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
+ENV_VARS = {
+    "home": "KVSTORE_HOME",
+    "redis_url": "KVSTORE_REDIS_URL",
+    "model": "KVSTORE_MODEL",
+    "press": "KVSTORE_PRESS",
+    "ratio": "KVSTORE_RATIO",
+    "quant": "KVSTORE_QUANT",
+    "blob_format": "KVSTORE_FORMAT",
+    "device": "KVSTORE_DEVICE",
+    "max_document_mb": "KVSTORE_MAX_DOCUMENT_MB",
+}
 
 
-def _env_path(name: str, default: Path) -> Path:
-    value = os.environ.get(name)
-    return Path(value).expanduser() if value else default
+class SettingsError(InputError):
+    """A setting has a value kvstore cannot use; the message names the setting and its env var."""
+
+
+def _env(name: str, default: str | None = None) -> Any:
+    return lambda: os.environ.get(ENV_VARS[name]) or default
+
+
+def _label(name: str) -> str:
+    return f"{name} ({ENV_VARS[name]})" if name in ENV_VARS else name
+
+
+def check_ratio(value: object, name: str = "ratio") -> float:
+    """A compression ratio as a float in [0, 1): the fraction of KV pairs (or key channels) removed."""
+    try:
+        ratio = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise SettingsError(f"{_label(name)}: expected a number in [0, 1), got {value!r}") from None
+    if math.isnan(ratio) or not 0.0 <= ratio < 1.0:
+        raise SettingsError(f"{_label(name)}: {value!r} is not in [0, 1) (the fraction of KV pairs removed)")
+    return ratio
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise SettingsError(f"{_label(name)}: unknown value {value!r}, choose one of {', '.join(choices)}")
+    return str(value)
+
+
+def _check_text(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise SettingsError(f"{_label(name)}: expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How a document is compressed and stored, as a task message carries it: None = the receiver's default."""
+
+    model: str | None = None
+    press: str | None = None
+    ratio: float | None = None
+    quant: str | None = None
+    blob_format: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("model", "press"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _check_text(name, getattr(self, name)))
+        if self.ratio is not None:
+            object.__setattr__(self, "ratio", check_ratio(self.ratio))
+        if self.quant is not None:
+            _check_choice("quant", self.quant, tuple(QUANT_BITS))
+        if self.blob_format is not None:
+            _check_choice("blob_format", self.blob_format, BLOB_FORMATS)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that were chosen (JSON-ready)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> Compression:
+        """Parse a task message's settings: unknown keys are refused, values validated."""
+        raw = dict(raw or {})
+        unknown = sorted(set(raw) - {f.name for f in fields(cls)})
+        if unknown:
+            allowed = ", ".join(f.name for f in fields(cls))
+            raise SettingsError(f"settings {unknown} cannot be set per document (allowed: {allowed})")
+        return cls(**raw)
 
 
 @dataclass(frozen=True)
 class Settings:
     """Where things live and which defaults apply; every field has an env var (see README)."""
 
-    home: Path = field(default_factory=lambda: _env_path("KVSTORE_HOME", Path.home() / ".kvstore"))
-    redis_url: str | None = field(default_factory=lambda: os.environ.get("KVSTORE_REDIS_URL") or None)
-    model: str = field(default_factory=lambda: os.environ.get("KVSTORE_MODEL", DEFAULT_MODEL))
-    press: str = field(default_factory=lambda: os.environ.get("KVSTORE_PRESS", "kvzip"))
-    ratio: float = field(default_factory=lambda: float(os.environ.get("KVSTORE_RATIO", "0.75")))
-    quant: str = field(default_factory=lambda: os.environ.get("KVSTORE_QUANT", "none"))
-    blob_format: str = field(default_factory=lambda: os.environ.get("KVSTORE_FORMAT", "safetensors"))
-    device: str = field(default_factory=lambda: os.environ.get("KVSTORE_DEVICE", "auto"))
+    home: Path = field(default_factory=_env("home"))  # type: ignore[assignment]
+    redis_url: str | None = field(default_factory=_env("redis_url"))
+    model: str = field(default_factory=_env("model", DEFAULT_MODEL))
+    press: str = field(default_factory=_env("press", "kvzip"))
+    ratio: float = field(default_factory=_env("ratio", "0.75"))
+    quant: str = field(default_factory=_env("quant", "none"))
+    blob_format: str = field(default_factory=_env("blob_format", "safetensors"))
+    device: str = field(default_factory=_env("device", "auto"))
+    max_document_mb: float = field(default_factory=_env("max_document_mb", "50"))  # a document's size cap
+
+    def __post_init__(self) -> None:
+        home = self.home if self.home not in (None, "") else Path.home() / ".kvstore"
+        object.__setattr__(self, "home", Path(home).expanduser())
+        object.__setattr__(self, "redis_url", self.redis_url or None)
+        for name in ("model", "press"):
+            object.__setattr__(self, name, _check_text(name, getattr(self, name)))
+        object.__setattr__(self, "ratio", check_ratio(self.ratio))
+        _check_choice("quant", self.quant, tuple(QUANT_BITS))
+        _check_choice("blob_format", self.blob_format, BLOB_FORMATS)
+        try:
+            size = float(self.max_document_mb)
+        except (TypeError, ValueError):
+            size = float("nan")
+        if not math.isfinite(size) or size <= 0:
+            raise SettingsError(f"{_label('max_document_mb')}: expected a size in MB > 0, got {self.max_document_mb!r}")
+        object.__setattr__(self, "max_document_mb", size)
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise SettingsError(f"{_label('device')}: {self.device!r} is not a device (auto, cpu, cuda, cuda:N, mps)")
 
     @property
     def model_cache_dir(self) -> Path:
         """Converted model weights live here (shared across stores unless KVSTORE_MODEL_CACHE is set)."""
-        return _env_path("KVSTORE_MODEL_CACHE", Path.home() / ".cache" / "kvstore" / "models")
+        value = os.environ.get("KVSTORE_MODEL_CACHE")
+        return Path(value).expanduser() if value else Path.home() / ".cache" / "kvstore" / "models"
+
+    @property
+    def max_document_bytes(self) -> int:
+        return int(self.max_document_mb * 2**20)
+
+    @property
+    def compression(self) -> Compression:
+        """This side's full compression choice (what `kvstore submit` sends is only what was given)."""
+        return Compression(self.model, self.press, self.ratio, self.quant, self.blob_format)
 
     def with_overrides(self, **overrides: object) -> Settings:
-        """Apply CLI flags on top of the environment; None means 'not given'."""
+        """Apply flags on top of these settings; None means 'not given'. Unknown names are refused."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def with_compression(self, compression: Compression) -> Settings:
+        """These settings with a task's (or a caller's) compression choice on top."""
+        return self.with_overrides(**compression.to_dict())

@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 from kvstore.compress import compress
 from kvstore.engine.models import LoadedModel
 from kvstore.presses.base import Press
+from kvstore.stages import StageReport
 from kvstore.storage.index import ContextRecord
 from kvstore.storage.store import ContextMeta, ContextStore, context_id, document_sha256
 from kvstore.text.documents import DocumentError
 from kvstore.text.parts import split_tokens
-
-# What ingest reports as it goes, in order (after "tokenizing", which happens before any part).
-STAGES = ("tokenizing", "prefilling", "scoring", "writing")
-
-
-class StageReport(Protocol):
-    """Told when a stage of a document part starts: for progress bars and worker task states."""
-
-    def __call__(self, stage: str, *, tokens: int, part: int) -> None: ...
-
 
 # Room left in the model's window for the question and the answer.
 ANSWER_RESERVE_TOKENS = 512
@@ -52,7 +42,8 @@ def ingest_text(
     report: StageReport | None = None,
 ) -> list[IngestedPart]:
     """Store `text` as one context, or several linked parts when it exceeds the model's window."""
-    if not text.strip():
+    text = text.strip()  # as `read_document` returns it: the same file is the same document either way
+    if not text:
         raise DocumentError(f"{source or 'text'}: the document is empty")
     frame = loaded.frame
     limit = max_tokens or max_document_tokens(loaded)
@@ -78,12 +69,12 @@ def ingest_text(
             results.append(IngestedPart(existing, False))
             continue
 
-        def on_stage(stage: str, tokens: int = token_ids.shape[1], part_number: int = number) -> None:
+        def on_stage(stage: str, done: int, tokens: int = token_ids.shape[1], part_number: int = number) -> None:
             if report is not None:
-                report(stage, tokens=tokens, part=part_number)
+                report(stage, tokens=tokens, part=part_number, parts=len(parts), done=done)
 
         compressed = compress(loaded, part.ids, press, on_stage)
-        on_stage("writing")
+        on_stage("writing", 0)
         record, created = store.put(compressed, meta, quant=quant, blob_format=blob_format)
         results.append(IngestedPart(record, created))
     return results

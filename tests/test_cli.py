@@ -92,8 +92,8 @@ def test_bad_documents_fail_clearly_and_store_nothing(case: str, store_home: Pat
     ("args", "message"),
     [
         (["--model", "no-such-model"], "unknown model 'no-such-model'"),
-        (["--ratio", "1.0"], "0.0<=x<1.0"),
-        (["--ratio", "-0.1"], "0.0<=x<1.0"),
+        (["--ratio", "1.0"], "is not in [0, 1)"),
+        (["--ratio", "-0.1"], "is not in [0, 1)"),
         (["--press", "zip:0.5"], "unknown press 'zip'"),
         (["--redis-url", "redis://127.0.0.1:1"], "cannot reach Redis"),
     ],

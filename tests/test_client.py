@@ -44,7 +44,7 @@ def test_contexts_and_models_are_cached_and_generate_works(client: KVStore) -> N
     cache = client.cache(part.record.id)
     frame = ChatFrame.for_tokenizer(context.loaded.tokenizer)
     ids = torch.cat([cache.compressed.token_ids[None].long(), torch.tensor([frame.question_ids(QUESTIONS[0])])], 1)
-    out = context.loaded.model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
+    out = context.loaded.model.generate(ids, cache=cache, max_new_tokens=12, do_sample=False)
     cache.reset()
     text = context.loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert "green" in text.lower()

@@ -94,27 +94,24 @@ def test_long_document_is_stored_as_linked_parts_and_not_recomputed(
         assert len(store.list()) == len(records)
 
 
-def test_stages_are_reported_per_part_and_not_for_stored_parts(store_home: Path) -> None:
+def test_stages_are_reported_per_part_with_tokens_done_and_not_for_stored_parts(store_home: Path) -> None:
     loaded = tiny_model("llama")
     text = "\n\n".join(sample_text(60, seed=i) for i in range(4))
-    heard: list[tuple[str, int]] = []
+    heard: list[dict[str, object]] = []
+
+    def report(stage: str, **meta: object) -> None:
+        heard.append({"stage": stage, **meta})
+
     with ContextStore.open() as store:
-        parts = ingest_text(
-            loaded,
-            store,
-            text,
-            make_press("kvzip", 0.5),
-            max_tokens=150,
-            report=lambda stage, tokens, part: heard.append((stage, part)),
-        )
-        assert heard == [(stage, n) for n in range(len(parts)) for stage in ("prefilling", "scoring", "writing")]
+        parts = ingest_text(loaded, store, text, make_press("kvzip", 0.5), max_tokens=150, report=report)
+        for n, part in enumerate(parts):
+            mine = [h for h in heard if h["part"] == n]
+            assert [h["stage"] for h in mine if h["done"] == 0] == ["prefilling", "scoring", "writing"]
+            assert {h["parts"] for h in mine} == {len(parts)}
+            prefilled = [h["done"] for h in mine if h["stage"] == "prefilling"]
+            assert prefilled == sorted(prefilled) and prefilled[-1] == part.record.original_length
+            scored = [h["done"] for h in mine if h["stage"] == "scoring"]
+            assert scored[-1] == part.record.original_length - part.record.prefix_length  # every document token
         heard.clear()
-        ingest_text(
-            loaded,
-            store,
-            text,
-            make_press("kvzip", 0.5),
-            max_tokens=150,
-            report=lambda stage, tokens, part: heard.append((stage, part)),
-        )
+        ingest_text(loaded, store, text, make_press("kvzip", 0.5), max_tokens=150, report=report)
         assert heard == []  # everything was already stored: no stage runs

@@ -7,7 +7,7 @@ import torch
 
 from kvstore.compress import compress, pack
 from kvstore.decode.cache import CompressedCache
-from kvstore.decode.generation import answer_many
+from kvstore.decode.generation import GenerationOptions, answer_many
 from kvstore.engine.attention import observing
 from kvstore.presses import KVzipPress, StreamingLLMPress
 from kvstore.presses.base import prefill_context
@@ -154,7 +154,7 @@ def test_compression_drops_pairs_physically_and_decodes() -> None:
     assert all(int(layer.positions.max()) < compressed.original_length for layer in compressed.layers)
     lengths = torch.stack([layer.lengths for layer in compressed.layers])
     assert lengths.unique().numel() > 1  # the global budget gives heads different lengths
-    answers = answer_many(loaded, cache, ["the vault", "users"], max_new_tokens=6)
+    answers = answer_many(loaded, cache, ["the vault", "users"], GenerationOptions(max_new_tokens=6))
     assert len(answers) == 2 and cache.get_seq_length() == compressed.original_length
 
 

@@ -10,7 +10,7 @@ import torch
 
 from kvstore.compress import compress
 from kvstore.decode.cache import CompressedCache
-from kvstore.decode.generation import answer_many
+from kvstore.decode.generation import GenerationOptions, answer_many
 from kvstore.engine.attention import observing
 from kvstore.engine.prefill import prefill
 from kvstore.presses import (
@@ -228,7 +228,7 @@ def test_every_press_keeps_its_count_and_decodes(name: str) -> None:
     if name in ("kvcompose", "pyramidkv", "tova", "snapkv", "h2o"):
         assert all(layer.lengths.unique().numel() == 1 for layer in compressed.layers)  # same count per head
     cache = CompressedCache(compressed)
-    answers = answer_many(loaded, cache, ["the vault", "users"], max_new_tokens=4)
+    answers = answer_many(loaded, cache, ["the vault", "users"], GenerationOptions(max_new_tokens=4))
     assert len(answers) == 2 and cache.get_seq_length() == compressed.original_length
 
 

@@ -398,7 +398,7 @@ def test_decoding_after_a_round_trip_gives_the_same_answers(
 ) -> None:
     from kvstore.compress import compress
     from kvstore.decode.cache import CompressedCache
-    from kvstore.decode.generation import answer_many
+    from kvstore.decode.generation import GenerationOptions, answer_many
     from kvstore.presses import make_press
 
     loaded = tiny_model("llama")
@@ -411,9 +411,11 @@ def test_decoding_after_a_round_trip_gives_the_same_answers(
     restored = store.load(record.id, model_fingerprint=loaded.fingerprint)
 
     questions = ["What is the hidden number?", "What colour was the sky?"]
-    expected = answer_many(loaded, CompressedCache(compressed), questions, max_new_tokens=12)
-    assert answer_many(loaded, CompressedCache(restored), questions, max_new_tokens=12) == expected
+    expected = answer_many(loaded, CompressedCache(compressed), questions, GenerationOptions(max_new_tokens=12))
+    assert answer_many(loaded, CompressedCache(restored), questions, GenerationOptions(max_new_tokens=12)) == expected
 
     quantized, _ = store.put(compressed, meta, quant="int8", blob_format=blob_format)
-    answers = answer_many(loaded, CompressedCache(store.load(quantized.id)), questions, max_new_tokens=4)
+    answers = answer_many(
+        loaded, CompressedCache(store.load(quantized.id)), questions, GenerationOptions(max_new_tokens=4)
+    )
     assert len(answers) == 2  # decodes; int8 answers may differ from a random model's full-precision ones

@@ -1,6 +1,6 @@
 """The package's shape: imports flow one way through the layers, with no circles.
 
-text/kv -> engine/storage -> presses/decode -> compress -> ingest -> client -> eval. A module may
+errors -> config -> text/kv -> engine/storage -> presses/decode -> compress -> ingest -> client -> eval. A module may
 import its own subpackage and anything of a lower rank, never a peer or anything above it; lazy
 imports inside functions count too (only `if TYPE_CHECKING:` blocks are exempt).
 """
@@ -16,17 +16,20 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kvstore"
 RANKS = {
-    "config": 0,
-    "text": 1,
-    "kv": 1,
-    "engine": 2,
-    "storage": 2,
-    "presses": 3,
-    "decode": 3,
-    "compress": 4,
-    "ingest": 5,
-    "client": 6,
-    "eval": 7,
+    "errors": 0,
+    "config": 1,
+    "stages": 1,
+    "text": 2,
+    "kv": 2,
+    "engine": 3,
+    "storage": 3,
+    "presses": 4,
+    "decode": 4,
+    "refs": 4.5,
+    "compress": 5,
+    "ingest": 6,
+    "client": 7,
+    "eval": 8,
 }
 
 

@@ -12,7 +12,7 @@ import torch
 
 from kvstore.compress import compress, pack
 from kvstore.decode.cache import CompressedCache
-from kvstore.decode.generation import answer_many
+from kvstore.decode.generation import GenerationOptions, answer_many
 from kvstore.decode.kernels.loop import ragged_attention
 from kvstore.decode.prefix import RaggedPrefix
 from kvstore.engine.attention import observing
@@ -155,7 +155,9 @@ def test_think_alone_keeps_every_pair_and_prunes_the_same_count_per_head() -> No
         assert layer.values.shape[1] == 16
     assert compressed.achieved_ratio == pytest.approx(0.125)
     assert press.memory_ratio == 0.125 and press.params()["memory_ratio"] == 0.125
-    answers = answer_many(loaded, CompressedCache(compressed), ["the vault", "users"], max_new_tokens=4)
+    answers = answer_many(
+        loaded, CompressedCache(compressed), ["the vault", "users"], GenerationOptions(max_new_tokens=4)
+    )
     assert len(answers) == 2
     assert isinstance(press, ChannelPress) and not isinstance(press, TokenPress)  # it has no token score at all
 
@@ -194,7 +196,7 @@ def test_kvzip_then_think_saves_the_expected_fraction_and_decodes(loaded) -> Non
     stored = compress(loaded, document, chain)  # the same through compress()
     for a, b in zip(stored.layers, pruned.layers, strict=True):
         assert torch.equal(a.key_channels, b.key_channels) and torch.equal(a.keys, b.keys)
-    answers = answer_many(loaded, cache, ["the vault", "users"], max_new_tokens=4)
+    answers = answer_many(loaded, cache, ["the vault", "users"], GenerationOptions(max_new_tokens=4))
     assert len(answers) == 2 and cache.get_seq_length() == pruned.original_length
 
 

@@ -23,11 +23,11 @@ from celery import Celery
 from click.testing import CliRunner
 
 from cli.main import main
-from kvstore.config import Settings
+from kvstore.config import Compression, Settings
 from kvstore.storage.index import ContextIndex, open_redis
 from kvstore.storage.store import ContextStore
 from workers import deliveries, jobs
-from workers.app import close_app, create_app, producer
+from workers.celery import close_app, create_app, producer
 from workers.config import INGEST_TASK, WorkerSettings
 
 pytestmark = pytest.mark.model
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.model
 TARGETS = ["embedded"] + (["server"] if os.environ.get("KVSTORE_REDIS_URL") else [])
 KVSTORE = str(Path(sys.executable).with_name("kvstore"))
 VISIBILITY_TIMEOUT_S = 12  # a killed worker's task is redelivered this long after it was handed out
-FAST = {"press": "streaming", "ratio": 0.25}
+FAST = Compression(press="streaming", ratio=0.25)
 
 LIGHTHOUSE = jobs.Document(
     "The lighthouse on Gull Point has a door painted bright green.\n\nIts keeper, Mara, lives there with two cats.",
@@ -222,7 +222,7 @@ def test_a_task_whose_worker_kept_dying_fails_instead_of_running_again(target: T
     assert client.keys(deliveries.KEY_PREFIX + "*") == []  # a run that ended leaves no count behind
 
     poison = target.app.signature(
-        INGEST_TASK, kwargs={"text": LIGHTHOUSE.text, "source": "poison.md", "settings": FAST}
+        INGEST_TASK, kwargs={"text": LIGHTHOUSE.text, "source": "poison.md", "settings": FAST.to_dict()}
     )
     result = poison.freeze()
     limit = WorkerSettings().max_deliveries

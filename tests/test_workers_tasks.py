@@ -45,7 +45,7 @@ def test_bad_input_is_not_retried(tasks, monkeypatch: pytest.MonkeyPatch) -> Non
     result = tasks.ingest_document.apply(kwargs={"path": "/no/such/file.md"})
     assert isinstance(result.result, DocumentError) and not calls
     refused = tasks.ingest_document.apply(kwargs={"text": "x", "settings": {"home": "/elsewhere"}})
-    assert isinstance(refused.result, ValueError) and "cannot be set per task" in str(refused.result)
+    assert isinstance(refused.result, ValueError) and "cannot be set per document" in str(refused.result)
 
 
 def test_tasks_have_time_limits_and_late_acks(tasks) -> None:

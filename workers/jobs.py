@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from celery import Celery, group
 from celery.result import GroupResult
 
-from kvstore.ingest import STAGES
-from workers.app import producer
+from kvstore.config import Compression
+from kvstore.stages import STAGES
+from workers.celery import producer
 from workers.config import ANSWER_TASK, INGEST_TASK, WorkerSettings
 
 JOB_KEY = "kvstore:jobs:"
@@ -41,9 +42,11 @@ class Document:
 class DocumentStatus:
     source: str
     task_id: str
-    state: str  # queued, started, retrying, one of kvstore.ingest.STAGES, done, failed
-    tokens: int = 0
+    state: str  # queued, started, retrying, one of kvstore.stages.STAGES, done, failed
+    tokens: int = 0  # the current part's context tokens
     part: int = 0
+    parts: int = 0
+    tokens_done: int = 0  # of the current stage
     context_ids: list[str] = field(default_factory=list)
     error: str = ""
 
@@ -78,14 +81,27 @@ class JobStatus:
         """Documents finished, counting partial progress of running ones."""
         return sum(d.fraction for d in self.documents)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready status for scripts (`kvstore status --json`)."""
+        return {
+            "job_id": self.job_id,
+            "finished": self.finished,
+            "done": self.done,
+            "failed": len(self.failed),
+            "documents": [asdict(d) for d in self.documents],
+        }
 
-def submit(app: Celery, documents: Sequence[Document], settings: Mapping[str, object] | None = None) -> str:
-    """Enqueue one ingest task per document; the job id (a saved Celery group id)."""
+
+def submit(app: Celery, documents: Sequence[Document], compression: Compression | None = None) -> str:
+    """Enqueue one ingest task per document; the job id (a saved Celery group id).
+
+    `compression` carries only what the submitter chose; the workers' own settings fill the rest.
+    """
     if not documents:
         raise ValueError("nothing to submit: no documents")
-    overrides = {k: v for k, v in (settings or {}).items() if v is not None}
+    chosen = (compression or Compression()).to_dict()
     signatures = [
-        app.signature(INGEST_TASK, kwargs={"text": d.text, "source": d.source, "settings": overrides})
+        app.signature(INGEST_TASK, kwargs={"text": d.text, "source": d.source, "settings": chosen})
         for d in documents
     ]
     batch = group(signatures, app=app)
@@ -116,6 +132,7 @@ def _document_status(app: Celery, source: str, task_id: str) -> DocumentStatus:
         stage = str(info.get("stage", "started"))
         status.state = stage if stage in STAGES else "started"
         status.tokens, status.part = int(info.get("tokens") or 0), int(info.get("part") or 0)
+        status.parts, status.tokens_done = int(info.get("parts") or 0), int(info.get("done") or 0)
     return status
 
 

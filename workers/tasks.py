@@ -16,17 +16,16 @@ from typing import Any
 import redis
 from celery import Task
 
-from kvstore.config import Settings
+from kvstore.config import Compression
 from kvstore.ingest import ingest_text
 from kvstore.storage.index import IndexUnavailableError
 from kvstore.text.documents import DocumentError, read_document
 from workers import runtime
-from workers.app import app
+from workers.celery import app
 from workers.config import ANSWER_TASK, INGEST_TASK, WorkerSettings, soft_limit
 from workers.deliveries import DeliveryCappedTask
 
 TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, IndexUnavailableError)
-OVERRIDABLE = frozenset({"model", "press", "ratio", "quant", "blob_format"})
 PROGRESS = "PROGRESS"
 
 _limits = WorkerSettings()
@@ -52,15 +51,6 @@ def _task(name: str, time_limit: float) -> Any:
     )
 
 
-def check_overrides(overrides: Mapping[str, object] | None) -> dict[str, object]:
-    """Per-document settings a task may change; where the store lives is the worker's business."""
-    overrides = dict(overrides or {})
-    unknown = set(overrides) - OVERRIDABLE
-    if unknown:
-        raise ValueError(f"settings {sorted(unknown)} cannot be set per task (allowed: {sorted(OVERRIDABLE)})")
-    return overrides
-
-
 def _reporter(task: Task, source: str) -> Any:
     def report(stage: str, **meta: object) -> None:
         if task.request.id is not None and not task.request.is_eager:
@@ -78,7 +68,7 @@ def ingest_document(
     settings: Mapping[str, object] | None = None,
 ) -> list[str]:
     """Compress and store one document (text, or a path readable by the worker); its context ids."""
-    overrides = check_overrides(settings)
+    compression = Compression.from_dict(settings)  # per-document choices; where the store lives is the worker's
     if text is None:
         if not path:
             raise DocumentError("ingest_document needs `text` or `path`")
@@ -88,9 +78,9 @@ def ingest_document(
             raise DocumentError(f"{path}: cannot read it on this worker ({exc.strerror or exc})") from exc
         source = source or path
     report = _reporter(self, source)
-    report("tokenizing", tokens=0)
+    report("tokenizing", tokens=0, part=0, parts=0, done=0)
     kv = runtime.client()
-    chosen: Settings = kv.settings.with_overrides(**overrides)
+    chosen = kv.settings.with_compression(compression)
     press = kv.press(chosen.press, chosen.ratio)  # a name or a spec such as kvzip:0.75+streaming:0.5
     parts = ingest_text(
         kv.model(chosen.model),
@@ -111,6 +101,5 @@ def answer_questions(self: Task, ref: str, questions: list[str], max_new_tokens:
     if not questions:
         return []
     kv = runtime.client()
-    if max_new_tokens is None:
-        return kv.ask_many(ref, list(questions))
-    return kv.ask_many(ref, list(questions), max_new_tokens)
+    generation = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    return [str(answer) for answer in kv.ask_many(ref, list(questions), **generation)]

@@ -83,7 +83,7 @@ class RaggedLayer(CacheLayerMixin):
 
 
 class CompressedCache(Cache):
-    """Decode many questions against one compressed context; pass as `past_key_values`."""
+    """Decode many questions against one compressed context; pass it as `cache=` to the model or `generate`."""
 
     def __init__(
         self,

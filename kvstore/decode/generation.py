@@ -1,15 +1,130 @@
-"""Greedy decoding of one or many questions against a CompressedCache, then back to the prefix."""
+"""Decoding one or many questions against a CompressedCache, then back to the prefix.
+
+One step loop serves every caller (batches, streaming, benchmarks): the questions are left-padded
+and take positions from the ORIGINAL context length; sampling and stop strings use transformers'
+own logits warpers and stopping criteria, configured by `GenerationOptions` (greedy by default).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
+from transformers import GenerationConfig
+from transformers.generation import (
+    LogitsProcessorList,
+    StopStringCriteria,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from kvstore.decode.cache import CompressedCache
 from kvstore.engine.models import LoadedModel
+from kvstore.errors import InputError
 
 DEFAULT_MAX_NEW_TOKENS = 64
+MAX_NEW_TOKENS_LIMIT = 4096
+MAX_STOP_STRINGS = 4
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How answers are decoded: greedy unless `temperature` > 0; each value is checked here, once."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = 0.0  # 0: greedy (argmax)
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
+    seed: int | None = None  # sampling seed, for reproducible samples
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise InputError(
+                f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens!r}"
+            )
+        if not isinstance(self.temperature, int | float) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InputError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, int | float) or not 0.0 < self.top_p <= 1.0:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InputError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if len(self.stop) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in self.stop):
+            raise InputError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings, got {self.stop!r}")
+
+    @classmethod
+    def from_config(cls, config: GenerationConfig) -> GenerationOptions:
+        """Options from a transformers GenerationConfig (the fields kvstore honours; others are refused)."""
+        unsupported = sorted(
+            set(config.to_diff_dict())
+            - {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "stop_strings", "transformers_version"}
+        )
+        if unsupported:
+            raise InputError(f"generation settings not supported on stored contexts: {', '.join(unsupported)}")
+        stop = config.stop_strings or ()
+        return cls(
+            max_new_tokens=config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+            temperature=float(config.temperature or 1.0) if config.do_sample else 0.0,
+            top_p=float(config.top_p or 1.0),
+            top_k=int(config.top_k or 0) if config.do_sample else 0,
+            stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        )
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0.0
+
+    def warpers(self) -> LogitsProcessorList:
+        processors = LogitsProcessorList()
+        if self.sampling:
+            processors.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k:
+                processors.append(TopKLogitsWarper(self.top_k))
+            if self.top_p < 1.0:
+                processors.append(TopPLogitsWarper(self.top_p))
+        return processors
+
+
+GREEDY = GenerationOptions()
+
+
+class Answer(str):
+    """An answer's text (a plain str), carrying what produced it."""
+
+    contexts: tuple[str, ...]  # ids of the stored contexts the answer was decoded from, in prompt order
+    prompt_tokens: int  # context (original length) + question tokens
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length" (max_new_tokens)
+
+    def __new__(
+        cls, text: str, contexts: Sequence[str], prompt_tokens: int, completion_tokens: int, finish_reason: str
+    ) -> Answer:
+        answer = super().__new__(cls, text)
+        answer.contexts = tuple(contexts)
+        answer.prompt_tokens = prompt_tokens
+        answer.completion_tokens = completion_tokens
+        answer.finish_reason = finish_reason
+        return answer
+
+    def __getnewargs__(self) -> tuple[object, ...]:  # copy and pickle rebuild it with its fields
+        return str(self), self.contexts, self.prompt_tokens, self.completion_tokens, self.finish_reason
+
+
+@dataclass
+class _Row:
+    """One question's decoding state."""
+
+    prompt_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str = "length"
 
 
 def _batch_inputs(question_ids: list[list[int]], pad_id: int, original_length: int):
@@ -24,15 +139,30 @@ def _batch_inputs(question_ids: list[list[int]], pad_id: int, original_length: i
     return input_ids, mask, positions
 
 
+def check_window(loaded: LoadedModel, cache: CompressedCache, question_ids: list[list[int]], max_new: int) -> None:
+    """Refuse a question that, with the context and the answer, does not fit the model's window."""
+    window = getattr(loaded.model.config, "max_position_embeddings", None)
+    longest = max((len(ids) for ids in question_ids), default=0)
+    if window is not None and cache.original_length + longest + max_new > window:
+        raise InputError(
+            f"question too long: context {cache.original_length:,} + question {longest:,} + answer up to "
+            f"{max_new:,} tokens exceed the model's window of {window:,} tokens"
+        )
+
+
 @torch.inference_mode()
-def greedy_tokens(
+def decode_tokens(
     loaded: LoadedModel,
     cache: CompressedCache,
     question_ids: list[list[int]],
     stop_ids: set[int],
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    options: GenerationOptions = GREEDY,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row ([B]) until all rows stopped; the cache is reset afterwards."""
+    """Yield the next token of every row ([B]) until all rows stopped; the cache is reset afterwards.
+
+    A finished row keeps yielding the pad id. Stop strings are left to the caller (they span tokens).
+    """
+    check_window(loaded, cache, question_ids, options.max_new_tokens)
     device = loaded.device
     pad_id = loaded.tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else next(iter(stop_ids))
@@ -42,60 +172,114 @@ def greedy_tokens(
     input_ids, positions = input_ids.to(device), positions.to(device)
     done = torch.zeros(len(question_ids), dtype=torch.bool, device=device)
     stops = torch.tensor(sorted(stop_ids), device=device)
+    warpers = options.warpers()
+    generator = None
+    if options.sampling:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(options.seed if options.seed is not None else torch.seed())
+    history = input_ids
     cache.reset()
     try:
-        for _ in range(max_new_tokens):
-            logits = loaded.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits
-            next_ids = logits[:, -1].argmax(-1).masked_fill(done, pad_id)
+        for _ in range(options.max_new_tokens):
+            logits = (
+                loaded.model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=positions,
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                .logits[:, -1]
+                .float()
+            )
+            if options.sampling:
+                probs = warpers(history, logits).softmax(-1)
+                next_ids = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                next_ids = logits.argmax(-1)
+            next_ids = next_ids.masked_fill(done, pad_id)
             yield next_ids
             done |= torch.isin(next_ids, stops)
             if bool(done.all()):
                 break
             input_ids = next_ids[:, None]
+            history = torch.cat([history, input_ids], dim=1) if options.sampling else history
             positions = positions[:, -1:] + 1
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(question_ids), 1)], dim=1)
     finally:
         cache.reset()
 
 
-def answer_many(
-    loaded: LoadedModel, cache: CompressedCache, questions: list[str], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-) -> list[str]:
-    """Decode all questions as one batch against the shared compressed prefix."""
+def _trim_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stop if s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def _decode_rows(
+    loaded: LoadedModel, cache: CompressedCache, questions: list[str], options: GenerationOptions
+) -> Iterator[list[_Row]]:
+    """Run the step loop, yielding every row's state after each step, until all rows finished."""
     frame = loaded.frame
     stop_ids = frame.stop_ids()
-    rows: list[list[int]] = [[] for _ in questions]
-    finished = [False] * len(questions)
-    for step in greedy_tokens(loaded, cache, [frame.question_ids(q) for q in questions], stop_ids, max_new_tokens):
-        for row, token in enumerate(step.tolist()):
-            if finished[row] or token in stop_ids:
-                finished[row] = True
+    question_ids = [frame.question_ids(q) for q in questions]
+    rows = [_Row(cache.original_length + len(ids)) for ids in question_ids]
+    stop_check = StopStringCriteria(loaded.tokenizer, list(options.stop)) if options.stop else None
+    for tokens in decode_tokens(loaded, cache, question_ids, stop_ids, options):
+        for row, token in zip(rows, tokens.tolist(), strict=True):
+            if row.finished:
                 continue
-            rows[row].append(token)
-    return [loaded.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in rows]
+            if token in stop_ids:
+                row.finished, row.finish_reason = True, "stop"
+                continue
+            row.tokens.append(token)
+            if stop_check is not None and bool(stop_check(torch.tensor([row.tokens]), None)[0]):
+                row.finished, row.finish_reason = True, "stop"
+        yield rows
+        if all(row.finished for row in rows):
+            return
+
+
+def _text(loaded: LoadedModel, row: _Row, options: GenerationOptions) -> tuple[str, bool]:
+    return _trim_at_stop(loaded.tokenizer.decode(row.tokens, skip_special_tokens=True), options.stop)
+
+
+def answer_many(
+    loaded: LoadedModel,
+    cache: CompressedCache,
+    questions: list[str],
+    options: GenerationOptions = GREEDY,
+    contexts: Sequence[str] = (),
+) -> list[Answer]:
+    """Decode all questions as one batch against the shared compressed prefix."""
+    [rows] = deque(_decode_rows(loaded, cache, questions, options), maxlen=1)  # the rows once all finished
+    answers = []
+    for row in rows:
+        text, stopped = _text(loaded, row, options)
+        reason = "stop" if stopped else row.finish_reason
+        answers.append(Answer(text.strip(), contexts, row.prompt_tokens, len(row.tokens), reason))
+    return answers
 
 
 def stream_answer(
-    loaded: LoadedModel, cache: CompressedCache, question: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    loaded: LoadedModel,
+    cache: CompressedCache,
+    question: str,
+    options: GenerationOptions = GREEDY,
 ) -> Iterator[str]:
-    """Yield the answer's text as it is decoded."""
-    frame = loaded.frame
-    stop_ids = frame.stop_ids()
-    tokens: list[int] = []
-    shown = ""
-    for step in greedy_tokens(loaded, cache, [frame.question_ids(question)], stop_ids, max_new_tokens):
-        token = int(step[0])
-        if token in stop_ids:
-            break
-        tokens.append(token)
-        text = loaded.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
-        if len(text) > len(shown):
-            yield text[len(shown) :]
-            shown = text
+    """Yield the answer's text as it is decoded; the pieces join into what `answer_many` returns.
+
+    Text that could still become a stop string, or an incomplete UTF-8 character, is held back.
+    """
+    hold = max((len(s) - 1 for s in options.stop), default=0)
+    shown = final = ""
+    for rows in _decode_rows(loaded, cache, [question], options):
+        text, stopped = _text(loaded, rows[0], options)
+        final = text.strip()
+        ready = final if stopped or not hold else final[: max(0, len(final) - hold)]
+        ready = ready.rstrip("\ufffd").rstrip()
+        if ready.startswith(shown) and len(ready) > len(shown):
+            yield ready[len(shown) :]
+            shown = ready
+    if final.startswith(shown) and len(final) > len(shown):
+        yield final[len(shown) :]

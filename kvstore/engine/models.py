@@ -6,23 +6,27 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvstore.config import Settings
 from kvstore.engine.attention import ATTENTION_NAME
+from kvstore.errors import InputError
 from kvstore.text.prompt import ChatFrame
 
 log = logging.getLogger(__name__)
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(InputError):
     """The model name is neither a packaged default, a local directory, nor a loadable HF id."""
 
 
@@ -63,9 +67,26 @@ class LoadedModel:
 
 
 def resolve_device(device: str) -> torch.device:
+    """ "auto" is CUDA when available; a named device that this machine lacks is refused in one line."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
+        raise ModelNotFoundError(f"device {device!r} (KVSTORE_DEVICE): CUDA is not available on this machine")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelNotFoundError(f"device {device!r} (KVSTORE_DEVICE): MPS is not available on this machine")
+    return chosen
+
+
+def _hub_reachable(timeout_s: float = 1.0) -> bool:
+    """Whether the Hugging Face hub answers at all (so a missing model fails in a second, not after retries)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
 
 
 def _packaged_dir(spec: PackagedModel) -> Path:
@@ -130,8 +151,12 @@ def _locate(name: str, settings: Settings) -> Path | str:
         if not (path / "config.json").exists():
             raise ModelNotFoundError(f"{path} is a directory but holds no config.json")
         return path
-    if "/" in name and not path.exists():
-        return name  # an HF id: works when the hub cache already has it (no network here)
+    if "/" in name and not path.exists():  # an HF id: from the local cache, or the hub when it answers
+        if try_to_load_from_cache(name, "config.json") is None and not _hub_reachable():
+            raise ModelNotFoundError(
+                f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached"
+            )
+        return name
     raise ModelNotFoundError(
         f"unknown model {name!r}: use one of {', '.join(sorted(PACKAGED_MODELS))}, "
         "a local model directory, or a Hugging Face id already in the local HF cache"
@@ -145,9 +170,10 @@ def load_model(name: str | None = None, settings: Settings | None = None) -> Loa
     location = _locate(name, settings)
     device = resolve_device(settings.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    offline = isinstance(location, str) and try_to_load_from_cache(location, "config.json") is not None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, local_files_only=offline)
     except OSError as exc:
         raise ModelNotFoundError(f"cannot load model {name!r}: {exc}") from exc
     return prepare_model(name, model, tokenizer, device)

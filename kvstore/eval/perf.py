@@ -16,7 +16,7 @@ import torch
 
 from kvstore.compress import cut, pack
 from kvstore.decode.cache import CompressedCache
-from kvstore.decode.generation import answer_many, greedy_tokens
+from kvstore.decode.generation import GenerationOptions, answer_many, decode_tokens
 from kvstore.engine.models import LoadedModel
 from kvstore.engine.prefill import prefill
 from kvstore.presses import parse_press_spec
@@ -68,7 +68,7 @@ def _timed(loaded: LoadedModel, fn: Callable[[], object]) -> tuple[object, float
 
 
 def _first_token(loaded: LoadedModel, cache: CompressedCache, question_ids: list[int]) -> None:
-    next(iter(greedy_tokens(loaded, cache, [question_ids], stop_ids={-1}, max_new_tokens=1)))
+    next(iter(decode_tokens(loaded, cache, [question_ids], {-1}, GenerationOptions(max_new_tokens=1))))
 
 
 @torch.inference_mode()
@@ -76,12 +76,15 @@ def _reprefill_first_token(loaded: LoadedModel, context_ids: torch.Tensor, quest
     """What a system without a stored prefix does: the whole document and the question, then one token."""
     full = torch.cat([context_ids, torch.tensor([question_ids])], dim=1)
     cache = prefill(loaded.model, full[:, :-1])
-    loaded.model(input_ids=full[:, -1:].to(loaded.device), past_key_values=cache, logits_to_keep=1)
+    loaded.model(input_ids=full[:, -1:].to(loaded.device), cache=cache, logits_to_keep=1)
 
 
 def _decode_rate(loaded: LoadedModel, cache: CompressedCache, question_ids: list[int], tokens: int) -> float:
     steps, seconds = _timed(
-        loaded, lambda: sum(1 for _ in greedy_tokens(loaded, cache, [question_ids], {-1}, max_new_tokens=tokens))
+        loaded,
+        lambda: sum(
+            1 for _ in decode_tokens(loaded, cache, [question_ids], {-1}, GenerationOptions(max_new_tokens=tokens))
+        ),
     )
     return steps / seconds
 
@@ -139,6 +142,9 @@ def measure_throughput(
     rows = []
     for size in batch_sizes:
         batch = [questions[i % len(questions)] for i in range(size)]
-        _, seconds = _timed(loaded, lambda batch=batch: answer_many(loaded, cache, batch, max_new_tokens))
+        _, seconds = _timed(
+            loaded,
+            lambda batch=batch: answer_many(loaded, cache, batch, GenerationOptions(max_new_tokens=max_new_tokens)),
+        )
         rows.append(ThroughputRow(size, seconds, size / seconds))
     return rows

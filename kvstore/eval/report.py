@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvstore.errors import import_extra
 from kvstore.eval.runner import FULL, CaseResult
 
 
@@ -65,7 +66,7 @@ def write_results(results: Sequence[CaseResult], out_dir: Path) -> list[Path]:
 
 def plot_accuracy(results: Sequence[CaseResult], out_dir: Path) -> list[Path]:
     """One PNG per task family: accuracy vs ratio for each press, the full cache as a dashed line."""
-    import matplotlib
+    matplotlib = import_extra("matplotlib", "eval")
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt

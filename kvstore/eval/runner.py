@@ -15,7 +15,7 @@ import torch
 
 from kvstore.compress import cut
 from kvstore.decode.cache import CompressedCache
-from kvstore.decode.generation import answer_many
+from kvstore.decode.generation import GenerationOptions, answer_many
 from kvstore.engine.models import LoadedModel
 from kvstore.eval.tasks import Sample
 from kvstore.presses import parse_press_spec
@@ -100,7 +100,7 @@ def _ask_stored(
     record, _ = store.put(compressed, ContextMeta.for_model(loaded, press.params(), source=sample.id), quant=quant)
     cache = CompressedCache(store.load(record.id, model_fingerprint=loaded.fingerprint), device=loaded.device)
     start = time.perf_counter()
-    answer = answer_many(loaded, cache, [sample.question], max_new_tokens)[0]
+    answer = str(answer_many(loaded, cache, [sample.question], GenerationOptions(max_new_tokens=max_new_tokens))[0])
     return answer, time.perf_counter() - start, cut_s, record
 
 

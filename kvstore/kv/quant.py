@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-QUANT_BITS: dict[str, int | None] = {"none": None, "int8": 8, "int4": 4}
+from kvstore.config import QUANT_BITS
+
 DEFAULT_GROUP_SIZE = 32
 KEYS_AXIS = 0  # per channel, groups across tokens
 VALUES_AXIS = 1  # per token, groups across channels

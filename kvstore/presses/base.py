@@ -10,6 +10,7 @@ Every press is a small dataclass; `params()` is part of the content-addressed id
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import ClassVar
@@ -17,6 +18,7 @@ from typing import ClassVar
 import torch
 from transformers import DynamicCache
 
+from kvstore.config import check_ratio
 from kvstore.engine.attention import AttentionObserver, observing
 from kvstore.engine.models import LoadedModel
 from kvstore.engine.prefill import prefill
@@ -34,6 +36,7 @@ class ScoringInput:
     input_ids: torch.Tensor  # [1, T]
     prefix_length: int
     prefill_observer: AttentionObserver | None = None  # what the press watched during prefill, if anything
+    progress: Callable[[int], None] | None = None  # told the document tokens scored so far, by presses that can
 
     @property
     def length(self) -> int:
@@ -55,15 +58,22 @@ class ScoringInput:
         ]
 
 
-def prefill_context(loaded: LoadedModel, document: str | list[int], press: Press | None = None) -> ScoringInput:
-    """Frame and prefill a document (text, or its token ids) letting `press` watch if it wants."""
+def prefill_context(
+    loaded: LoadedModel,
+    document: str | list[int],
+    press: Press | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> ScoringInput:
+    """Frame and prefill a document (text, or its token ids) letting `press` watch if it wants.
+
+    `on_chunk` hears the context tokens prefilled so far, after each chunk."""
     frame = loaded.frame
     input_ids = frame.context_ids(document)
     if input_ids.shape[1] == len(frame.head_ids):
         raise ValueError("the document is empty after tokenization")
     observer = press.watch_prefill(len(frame.head_ids), input_ids.shape[1]) if press is not None else None
     with observing(observer) if observer is not None else nullcontext():
-        cache = prefill(loaded.model, input_ids)
+        cache = prefill(loaded.model, input_ids, on_chunk=on_chunk)
     return ScoringInput(loaded, cache, input_ids, len(frame.head_ids), observer)
 
 
@@ -71,7 +81,8 @@ def prefill_context(loaded: LoadedModel, document: str | list[int], press: Press
 class Press:
     """A compression policy: keep masks over the document's pairs, then (optionally) key channels.
 
-    `budgets` lists the budgets the press accepts (`name@budget` in a spec); the first is its default.
+    `compression_ratio` is checked here, once, for every press; `budgets` lists the budgets the press
+    accepts (`name@budget` in a spec).
     """
 
     name: ClassVar[str] = "base"
@@ -80,6 +91,7 @@ class Press:
     budget: str = ""
 
     def __post_init__(self) -> None:
+        self.compression_ratio = check_ratio(self.compression_ratio, f"{self.name} ratio")
         if self.budgets and self.budget not in self.budgets:
             raise ValueError(f"{self.name} accepts the budget(s) {', '.join(self.budgets)}, not {self.budget!r}")
 

@@ -155,15 +155,9 @@ BUDGETS: dict[str, Callable[[Scores, float], Masks]] = {
 SURVIVOR_BUDGETS = ("global", "floored", "uniform")
 
 
-def _check_ratio(ratio: float) -> None:
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"compression ratio must be in [0, 1), got {ratio}")
-
-
 def select(scores: Scores, ratio: float, budget: str = "global") -> Masks:
     if budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}: choose one of {', '.join(BUDGETS)}")
-    _check_ratio(ratio)
     return BUDGETS[budget](scores, ratio)
 
 
@@ -174,7 +168,6 @@ def select_among(scores: Scores, ratio: float, budget: str, alive: Masks) -> Mas
     """
     if budget not in SURVIVOR_BUDGETS:
         raise ValueError(f"budget {budget!r} cannot select among survivors: use one of {', '.join(SURVIVOR_BUDGETS)}")
-    _check_ratio(ratio)
     lowest = torch.finfo(torch.float32).min  # alive pairs outrank dead ones even when scored -inf
     masked = [
         torch.where(a, s.float().nan_to_num(neginf=lowest), float("-inf")) for s, a in zip(scores, alive, strict=True)

@@ -128,7 +128,9 @@ class KVzipPress(TokenPress):
             recon = torch.cat([recon, chunk[None]], dim=1)
             observer = ChunkObserver(scores, run.prefix_length, run.length, start, stop, PRECISIONS[self.precision])
             with observing(observer):
-                model(input_ids=recon, past_key_values=run.cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=recon, cache=run.cache, use_cache=True, logits_to_keep=1)
             run.cache.crop(-recon.shape[1])  # the reconstruction tokens are not part of the context
             previous = chunk
+            if run.progress is not None:
+                run.progress(stop - run.prefix_length)
         return scores

@@ -9,8 +9,8 @@ removed, e.g. "kvzip:0.75+think:0.25"). One stage gives that press, several a `P
 from __future__ import annotations
 
 import dataclasses
-import math
 
+from kvstore.config import check_ratio
 from kvstore.presses.base import Press
 from kvstore.presses.chain import PressChain
 from kvstore.presses.registry import PRESSES, make_press
@@ -18,12 +18,9 @@ from kvstore.presses.registry import PRESSES, make_press
 
 def _parse_ratio(text: str, name: str) -> float:
     try:
-        ratio = float(text)
+        return check_ratio(text)
     except ValueError:
-        raise ValueError(f"bad ratio {text!r} for press {name!r}: expected a number in [0, 1)") from None
-    if math.isnan(ratio) or not 0.0 <= ratio < 1.0:
-        raise ValueError(f"bad ratio {text!r} for press {name!r}: it is the fraction removed, in [0, 1)")
-    return ratio
+        raise ValueError(f"bad ratio {text!r} for press {name!r}: the fraction removed, a number in [0, 1)") from None
 
 
 def _parse_budget(text: str, name: str, spec: str) -> dict[str, str]:
@@ -46,7 +43,7 @@ def _parse_stage(text: str, spec: str, default_ratio: float | None) -> Press:
     elif name == "none":
         ratio = 0.0
     elif default_ratio is not None:
-        ratio = _parse_ratio(str(default_ratio), name)
+        ratio = default_ratio  # a float the press checks itself
     else:
         raise ValueError(f"press {name!r} in spec {spec!r} needs a ratio: write {name}:0.5")
     return make_press(name, ratio, **(_parse_budget(budget_text, name, spec) if at else {}))

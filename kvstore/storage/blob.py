@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from kvstore.errors import DataError
 from kvstore.kv.compressed import CompressedKV, CompressedLayer
 from kvstore.kv.quant import DEFAULT_GROUP_SIZE, KEYS_AXIS, VALUES_AXIS, QuantizedTensor, bits_for, dequantize, quantize
 
@@ -41,7 +42,7 @@ METADATA_KEY = "kvstore"  # safetensors metadata key / zarr group attribute hold
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class BlobError(Exception):
+class BlobError(DataError):
     """A blob cannot be used; the message says why and what to do."""
 
 

@@ -44,6 +44,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from kvstore.errors import UnavailableError
+
 KEY_PREFIX = "kvstore:v1:"
 EMBEDDED_DB = "index.db"
 CONNECT_TIMEOUT_S = 5.0
@@ -51,7 +53,7 @@ CONNECT_TIMEOUT_S = 5.0
 T = TypeVar("T")
 
 
-class RedisIndexError(RuntimeError):
+class RedisIndexError(UnavailableError):
     """Base of the index errors."""
 
 

