@@ -14,10 +14,19 @@ import click
 from rich.table import Table
 
 from cli.console import make_console
-from cli.options import json_option, model_option, print_json, ref_argument, store_options, with_settings
+from cli.options import (
+    complete_context_ids,
+    json_option,
+    model_option,
+    print_json,
+    ref_argument,
+    store_options,
+    with_settings,
+)
 from kvstore.config import Settings
 
 if TYPE_CHECKING:
+    from kvstore.client import KVStore
     from kvstore.storage.index import ContextRecord
     from kvstore.storage.store import ContextStore
 
@@ -134,44 +143,134 @@ def _record_table(r: ContextRecord) -> Table:
     return table
 
 
+def _sources(kv: KVStore, ids: tuple[str, ...]) -> str:
+    records = [kv.store.require(i) for i in ids]
+    return "; ".join(
+        f"{r.source or r.id[:12]}" + (f" part {r.part + 1}/{r.parts}" if r.parts > 1 else "") for r in records
+    )
+
+
 @click.command()
-@ref_argument()
-@click.argument("questions", nargs=-1, required=True)
+@click.argument("args", nargs=-1, required=True, metavar="[REF] QUESTION...")
+@click.option(
+    "--context",
+    "-c",
+    "more",
+    multiple=True,
+    metavar="REF",
+    shell_complete=complete_context_ids,
+    help="Another stored context to compose after REF (repeatable): one answer from all of them.",
+)
+@click.option(
+    "--retrieve",
+    "-k",
+    type=click.IntRange(1, 64),
+    default=None,
+    metavar="K",
+    help="No REF: search the store (BM25) and answer from the top K contexts that fit, composed.",
+)
 @click.option(
     "--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096), help="Longest answer, in tokens."
 )
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0), help="0 = greedy.")
+@click.option("--stop", multiple=True, help="End the answer before this string (repeatable).")
+@json_option
 @model_option
 @store_options
 @with_settings
-def ask(ref: str, questions: tuple[str, ...], max_new_tokens: int, settings: Settings) -> None:
-    """Answer questions from a stored context, without prefilling the document again.
+def ask(
+    args: tuple[str, ...],
+    more: tuple[str, ...],
+    retrieve: int | None,
+    max_new_tokens: int,
+    temperature: float,
+    stop: tuple[str, ...],
+    as_json: bool,
+    settings: Settings,
+) -> None:
+    """Answer questions from stored contexts, without prefilling any document again.
 
-    REF is an id, a unique id prefix, or the path of an ingested document (every part of a
-    split document is asked). One question streams its answer; several are decoded as one batch.
+    REF is an id, a unique id prefix, or the path of an ingested document. Several contexts
+    (-c REF ...) are composed into one prompt and answered once; a document stored in several
+    parts is composed too, keeping the parts most relevant to the question when they do not all
+    fit the window. With --retrieve K there is no REF: the store is searched first. One question
+    streams its answer; several are decoded as one batch. The contexts used are printed.
 
     \b
-    Example:
+    Examples:
         kvstore ask docs/lighthouse.md "What color is the door?" "How tall is it?"
+        kvstore ask report-part1.md -c report-part2.md "Who signed the report?"
+        kvstore ask --retrieve 4 "Which city hosts the archive?"
     """
     from cli.options import quiet_transformers
     from kvstore.client import KVStore
+    from kvstore.decode.generation import GenerationOptions
 
+    refs, questions = ([], list(args)) if retrieve else ([args[0], *more], list(args[1:]))
+    if not questions:
+        raise click.UsageError("give at least one question after REF (or use --retrieve K)")
+    options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, stop=stop)
     quiet_transformers()
     with KVStore(settings) as kv:
-        contexts = kv.contexts(ref)
-        for context in contexts:
-            label = f"[dim]{context.record.source or context.record.id[:12]}"
-            label += f" part {context.record.part + 1}/{context.record.parts}[/]" if len(contexts) > 1 else "[/]"
-            if len(questions) == 1:
-                console.print(label)
-                for piece in context.stream(questions[0], max_new_tokens=max_new_tokens):
-                    console.out(piece, end="", highlight=False)
-                console.out("")
-                continue
-            answers = context.ask_many(list(questions), max_new_tokens=max_new_tokens)
-            for question, answer in zip(questions, answers, strict=True):
-                console.print(f"{label} [bold]{question}[/]")
-                console.out(answer, highlight=False)
+        if retrieve:
+            answers = [kv.retrieve_and_ask(q, retrieve, options) for q in questions]
+        elif len(questions) == 1 and not as_json:
+            context = kv.prepare(refs, questions, options)
+            console.print(f"[dim]{_sources(kv, context.ids)}[/]")
+            for piece in context.stream(questions[0], options):
+                console.out(piece, end="", highlight=False)
+            console.out("")
+            return
+        else:
+            answers = kv.ask_many(refs, questions, options)
+        if as_json:
+            print_json(
+                [
+                    {
+                        "question": q,
+                        "answer": str(a),
+                        "contexts": list(a.contexts),
+                        "prompt_tokens": a.prompt_tokens,
+                        "completion_tokens": a.completion_tokens,
+                        "finish_reason": a.finish_reason,
+                    }
+                    for q, a in zip(questions, answers, strict=True)
+                ]
+            )
+            return
+        for question, answer in zip(questions, answers, strict=True):
+            console.print(f"[dim]{_sources(kv, answer.contexts)}[/] [bold]{question}[/]")
+            console.out(answer, highlight=False)
+
+
+@click.command()
+@click.argument("question")
+@click.option("--limit", "-n", default=5, show_default=True, type=click.IntRange(1, 1000), help="Contexts to list.")
+@json_option
+@store_options
+@with_settings
+def search(question: str, limit: int, as_json: bool, settings: Settings) -> None:
+    """List the stored contexts (document parts included) that best match a question (BM25).
+
+    Reads the stored texts from the index only: no blob, no model.
+
+    \b
+    Example:
+        kvstore search "Which city hosts the archive?" -n 4
+    """
+    from kvstore.search import ContextSearch
+
+    with open_store(settings) as store:
+        hits = ContextSearch(store).search(question, limit, where=lambda r: r.model == settings.model)
+    if as_json:
+        print_json([{"id": h.id, "source": h.source, "part": h.part, "parts": h.parts, "score": h.score} for h in hits])
+        return
+    table = Table(title=f"{len(hits)} contexts for {question!r}")
+    for column in ("id", "source", "part", "score"):
+        table.add_column(column, overflow="fold")
+    for h in hits:
+        table.add_row(h.id[:12], _short(h.source) or "-", f"{h.part + 1}/{h.parts}", f"{h.score:.2f}")
+    console.print(table)
 
 
 @click.command("rm")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from cli.bench_cmd import bench
-from cli.context_cmds import ask, gc, list_contexts, remove, show, stats
+from cli.context_cmds import ask, gc, list_contexts, remove, search, show, stats
 from cli.errors import EXIT_CODES_HELP, FriendlyGroup
 from cli.eval_cmd import evaluate_command, report_command
 from cli.ingest_cmd import ingest
@@ -40,6 +40,7 @@ for command in (
     list_contexts,
     show,
     ask,
+    search,
     remove,
     gc,
     stats,

@@ -12,7 +12,7 @@ only decoding: no prefill, no blob read.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,18 +21,23 @@ from transformers import GenerationConfig
 
 from kvstore.config import Settings
 from kvstore.decode.cache import CompressedCache
+from kvstore.decode.compose import compose
 from kvstore.decode.generation import GREEDY, Answer, GenerationOptions, answer_many, stream_answer
 from kvstore.engine.models import LoadedModel, load_model
+from kvstore.engine.rotary import PositionError
+from kvstore.errors import InputError
 from kvstore.ingest import IngestedPart, ingest_text
 from kvstore.presses import parse_press_spec
 from kvstore.presses.base import Press
 from kvstore.refs import resolve
+from kvstore.search import ContextSearch, SearchHit
 from kvstore.stages import StageReport
 from kvstore.storage.index import ContextRecord
 from kvstore.storage.store import ContextNotFoundError, ContextStore
 from kvstore.text.documents import discover, read_document
 
 Options = GenerationOptions | GenerationConfig | None
+Refs = str | ContextRecord | Sequence[str | ContextRecord]
 
 
 def generation_options(options: Options = None, **fields: Any) -> GenerationOptions:
@@ -46,11 +51,15 @@ def generation_options(options: Options = None, **fields: Any) -> GenerationOpti
 
 @dataclass
 class LoadedContext:
-    """A stored context in memory, ready for questions."""
+    """A stored context (or several, composed) in memory, ready for questions."""
 
-    record: ContextRecord
+    record: ContextRecord  # the (first) context's record
     loaded: LoadedModel
     cache: CompressedCache
+    ids: tuple[str, ...] = ()  # every context in the prompt, in order (default: just `record`)
+
+    def __post_init__(self) -> None:
+        self.ids = self.ids or (self.record.id,)
 
     def ask(self, question: str, options: Options = None, **generation: Any) -> Answer:
         """One answer, decoded against the compressed prefix (greedy unless options say otherwise)."""
@@ -59,7 +68,7 @@ class LoadedContext:
     def ask_many(self, questions: list[str], options: Options = None, **generation: Any) -> list[Answer]:
         """All questions decoded as one batch against the shared compressed prefix."""
         chosen = generation_options(options, **generation)
-        return answer_many(self.loaded, self.cache, questions, chosen, contexts=(self.record.id,))
+        return answer_many(self.loaded, self.cache, questions, chosen, contexts=self.ids)
 
     def stream(self, question: str, options: Options = None, **generation: Any) -> Iterator[str]:
         """The answer's text, piece by piece as it is decoded."""
@@ -81,6 +90,8 @@ class KVStore:
         self.max_contexts = max_contexts
         self._models: dict[str, LoadedModel] = {}
         self._contexts: OrderedDict[str, LoadedContext] = OrderedDict()
+        self._compositions: OrderedDict[tuple[str, ...], LoadedContext] = OrderedDict()
+        self.searcher = ContextSearch(self.store)
 
     def close(self) -> None:
         """Release the index connection (an embedded Redis stops when its last client leaves)."""
@@ -153,6 +164,22 @@ class KVStore:
         """
         return resolve(self.store, ref, self._stored_here)
 
+    def records(self, refs: Refs) -> list[ContextRecord]:
+        """Every record the refs name, in order (a document path names all its parts); duplicates dropped."""
+        items = [refs] if isinstance(refs, str | ContextRecord) else list(refs)
+        if not items:
+            raise InputError("no contexts given: name at least one id, id prefix or document")
+        found: dict[str, ContextRecord] = {}
+        for item in items:
+            for record in [item] if isinstance(item, ContextRecord) else self.resolve(item):
+                found.setdefault(record.id, record)
+        records = list(found.values())
+        models = {(r.model, r.model_fingerprint) for r in records}
+        if len(models) > 1:
+            names = ", ".join(sorted(f"{name} ({fp})" for name, fp in models))
+            raise InputError(f"these contexts were stored by different models ({names}): compose one model's only")
+        return records
+
     def context(self, ref: str | ContextRecord) -> LoadedContext:
         """Load (or reuse) one stored context; a multi-part document must be addressed by part id."""
         records = [ref] if isinstance(ref, ContextRecord) else self.resolve(ref)
@@ -174,28 +201,114 @@ class KVStore:
         """Every part of a document (or the single context an id names)."""
         return [self.context(record) for record in self.resolve(ref)]
 
+    def _composed(self, records: list[ContextRecord], reserve: int) -> LoadedContext:
+        """One context for several records: the parts from the LRU, composed once and kept (LRU too)."""
+        if len(records) == 1:
+            return self.context(records[0])
+        key = tuple(r.id for r in records)
+        if key in self._compositions:
+            self._compositions.move_to_end(key)
+            return self._compositions[key]
+        parts = [self.context(r) for r in records]
+        loaded = parts[0].loaded
+        composed = compose(loaded, [p.cache.compressed for p in parts], reserve)
+        context = LoadedContext(records[0], loaded, CompressedCache(composed, device=loaded.device), key)
+        self._compositions[key] = context
+        while len(self._compositions) > max(1, self.max_contexts // 2):
+            self._compositions.popitem(last=False)
+        return context
+
+    def _fitting(self, records: list[ContextRecord], question: str, reserve: int, select: bool) -> list[ContextRecord]:
+        """Records that fit the window with `reserve` tokens to spare: all when they do; else, when
+        `select` (one document named), its parts most relevant to `question` (BM25) in document order.
+        Contexts named one by one are never dropped silently: the composition refuses them instead."""
+        window = self._window(records[0])
+        if composed_tokens(records) + reserve <= window or not select:
+            return records
+        order = {r.id: i for i, r in enumerate(records)}
+        ranked = self.searcher.search(question, k=len(records), where=lambda r: r.id in order)
+        chosen: list[ContextRecord] = []
+        for hit in ranked:
+            if composed_tokens([*chosen, hit.record]) + reserve <= window:
+                chosen.append(hit.record)
+        if not chosen:
+            raise PositionError(
+                f"no stored part fits the model's window of {window:,} tokens with {reserve:,} to spare "
+                "for the question and answer"
+            )
+        return sorted(chosen, key=lambda r: order[r.id])
+
+    def _window(self, record: ContextRecord) -> int:
+        return int(getattr(self.model(record.model).model.config, "max_position_embeddings", 1 << 30))
+
+    def prepare(self, refs: Refs, questions: list[str], options: Options = None) -> LoadedContext:
+        """The (composed) context that answers `questions` from `refs`, loaded and ready (`.ids` names
+        its contexts): when the refs are longer than the window, the parts most relevant to the (first)
+        question that fit."""
+        options = generation_options(options)
+        records = self.records(refs)
+        loaded = self.model(records[0].model)
+        longest = max((len(loaded.frame.question_ids(q)) for q in questions), default=0)
+        reserve = longest + options.max_new_tokens
+        one_ref = isinstance(refs, str | ContextRecord) or len(refs) == 1
+        chosen = self._fitting(records, questions[0] if questions else "", reserve, select=one_ref)
+        return self._composed(chosen, reserve)
+
     # -- questions --------------------------------------------------------------------------------
 
-    def ask(self, ref: str, question: str, options: Options = None, **generation: Any) -> Answer:
-        """One answer from a stored context (an Answer is a str that also names its contexts and token counts).
+    def ask(self, refs: Refs, question: str, options: Options = None, **generation: Any) -> Answer:
+        """One answer from one or several stored contexts (a list composes them, in order, into one prompt).
 
+        An Answer is a str that also names the contexts it was decoded from and its token counts.
         Generation options come as a GenerationOptions, a transformers GenerationConfig, or keywords:
-        `kv.ask(ref, q, max_new_tokens=32, temperature=0.7, stop=["\\n"])`.
+        `kv.ask([id_a, id_b], q, max_new_tokens=32, temperature=0.7, stop=["\\n"])`.
         """
-        return self.context(ref).ask(question, options, **generation)
+        return self.ask_many(refs, [question], options, **generation)[0]
 
-    def ask_many(self, ref: str, questions: list[str], options: Options = None, **generation: Any) -> list[Answer]:
-        """Several answers from one stored context, decoded as one batch against its shared prefix."""
-        return self.context(ref).ask_many(questions, options, **generation)
+    def ask_many(self, refs: Refs, questions: list[str], options: Options = None, **generation: Any) -> list[Answer]:
+        """Several answers from the same (composed) contexts, decoded as one batch against the shared prefix."""
+        chosen = generation_options(options, **generation)
+        return self.prepare(refs, questions, chosen).ask_many(questions, chosen)
 
-    def stream(self, ref: str, question: str, options: Options = None, **generation: Any) -> Iterator[str]:
+    def stream(self, refs: Refs, question: str, options: Options = None, **generation: Any) -> Iterator[str]:
         """The answer's text piece by piece as it is decoded."""
-        return self.context(ref).stream(question, options, **generation)
+        chosen = generation_options(options, **generation)
+        return self.prepare(refs, [question], chosen).stream(question, chosen)
 
-    def cache(self, ref: str) -> CompressedCache:
-        """The transformers Cache for callers running `model.generate` themselves.
+    def cache(self, refs: Refs) -> CompressedCache:
+        """The transformers Cache of one context (or of several, composed) for callers running `generate`.
 
-        Pass the context's token ids followed by the question as input_ids and this cache as
+        Pass `cache.compressed.token_ids` followed by the question as input_ids and this cache as
         `cache=`; call `cache.reset()` before reusing it for another question.
         """
-        return self.context(ref).cache
+        return self._composed(self.records(refs), 0).cache
+
+    # -- retrieval --------------------------------------------------------------------------------
+
+    def search(self, question: str, k: int = 4) -> list[SearchHit]:
+        """The stored contexts (document parts included) of this client's model that best match `question`."""
+        name = self.settings.model
+        return self.searcher.search(question, k, where=lambda r: r.model == name)
+
+    def retrieve_and_ask(self, question: str, k: int = 4, options: Options = None, **generation: Any) -> Answer:
+        """RAG in one call: the top-`k` contexts that fit the window, composed in rank order, one answer.
+
+        `answer.contexts` names the contexts used; `search` gives their sources and scores.
+        """
+        hits = self.search(question, k)
+        if not hits:
+            raise ContextNotFoundError("the store holds no searchable context for this model: ingest documents first")
+        chosen = generation_options(options, **generation)
+        loaded = self.model()
+        reserve = len(loaded.frame.question_ids(question)) + chosen.max_new_tokens
+        window = self._window(hits[0].record)
+        used: list[ContextRecord] = []
+        for hit in hits:
+            if composed_tokens([*used, hit.record]) + reserve <= window:
+                used.append(hit.record)
+        return self._composed(used, reserve).ask_many([question], chosen)[0]
+
+
+def composed_tokens(records: list[ContextRecord]) -> int:
+    """Context tokens of these records composed: one template head plus every document."""
+    return records[0].prefix_length + sum(r.original_length - r.prefix_length for r in records) if records else 0

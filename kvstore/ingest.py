@@ -64,7 +64,9 @@ def ingest_text(
             parts=len(parts),
         )
         token_ids = frame.context_ids(part.ids)
-        existing = store.get(context_id(loaded.fingerprint, token_ids, meta.press, quant))
+        cid = context_id(loaded.fingerprint, token_ids, meta.press, quant)
+        existing = store.get(cid)
+        store.texts.put(cid, part.text)  # before the record commits: search never misses a stored part
         if existing is not None:
             results.append(IngestedPart(existing, False))
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -41,6 +42,22 @@ def test_ingest_list_ask_reingest_remove_gc(store_home: Path, tmp_path: Path) ->
 
     answer = run("ask", str(docs / "lighthouse.md"), "What color is the lighthouse door?")
     assert answer.exit_code == 0 and "green" in answer.output.lower(), answer.output
+
+    found = run("search", "lighthouse door color", "--json")
+    assert found.exit_code == 0 and json.loads(found.output)[0]["source"].endswith("lighthouse.md")
+    composed = run(
+        "ask",
+        str(docs / "bakery.txt"),
+        "-c",
+        str(docs / "lighthouse.md"),
+        "What color is the lighthouse door?",
+        "--json",
+    )
+    assert composed.exit_code == 0, composed.output
+    [reply] = json.loads(composed.output)
+    assert "green" in reply["answer"].lower() and len(reply["contexts"]) == 2  # one answer from both documents
+    retrieved = run("ask", "--retrieve", "2", "What color is the lighthouse door?")
+    assert retrieved.exit_code == 0 and "green" in retrieved.output.lower() and "lighthouse.md" in retrieved.output
 
     again = run("ingest", str(docs), "--ratio", "0.5")
     assert again.exit_code == 0 and len(stored_ids()) == 4

@@ -53,6 +53,25 @@ def test_tiny_eval_stores_every_context_and_reports(store_home: Path, tmp_path: 
     assert json.loads((tmp_path / "merged" / "results.json").read_text()) == json.loads(files[0].read_text())
 
 
+def test_multi_document_samples_are_also_answered_composed_blended_and_from_one_document(store_home: Path) -> None:
+    loaded = tiny_model("qwen3")
+    samples = make_suite(["multidoc_needle", "long_document"], n=1, context_tokens=320, seed=2)
+    with ContextStore.open() as store:
+        results = evaluate(loaded, samples, ["kvzip"], [0.5], store, max_new_tokens=4, blend_fraction=0.2)
+    methods = {r.method for r in results}
+    assert methods == {FULL, "full composed", "full blended", "full single", "kvzip", "kvzip composed",
+                       "kvzip blended", "kvzip single"}  # fmt: skip
+    for sample in samples:
+        mine = {r.method: r for r in results if r.sample_id == sample.id}
+        joint, composed, single = mine["kvzip"], mine["kvzip composed"], mine["kvzip single"]
+        # The composition holds one template head, the joint prefill the same documents: lengths agree
+        # within the separators and part cuts; one document alone is about a quarter of it.
+        assert abs(composed.context_tokens - joint.context_tokens) <= 16
+        assert single.context_tokens < composed.context_tokens / 2
+        assert mine["full composed"].achieved_ratio == 0.0 and 0.3 < composed.achieved_ratio < 0.6
+        assert composed.stored_bytes > single.stored_bytes and composed.score_s > 0
+
+
 @pytest.mark.model
 def test_eval_and_bench_commands_write_their_files(store_home: Path, tmp_path: Path) -> None:
     evaluated = CliRunner().invoke(

@@ -9,7 +9,17 @@ from collections import Counter
 import pytest
 
 from kvstore.eval.haystack import approx_tokens
-from kvstore.eval.tasks import AGGREGATION, RETRIEVAL, TASKS, Sample, make_niah, make_sample, make_suite, task_names
+from kvstore.eval.tasks import (
+    AGGREGATION,
+    MULTI_DOCUMENT,
+    RETRIEVAL,
+    TASKS,
+    Sample,
+    make_niah,
+    make_sample,
+    make_suite,
+    task_names,
+)
 
 ALL = list(TASKS)
 
@@ -35,6 +45,7 @@ def essays(tmp_path):
 def test_registry_has_every_task_family() -> None:
     assert set(task_names(RETRIEVAL)) == {"niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "qa"}
     assert set(task_names(AGGREGATION)) == {"variable_tracking", "common_words", "frequent_words"}
+    assert set(task_names(MULTI_DOCUMENT)) == {"multidoc_needle", "two_hop", "long_document"}
     with pytest.raises(ValueError, match="accepted"):
         make_suite(["nope"], 1, 500)
 

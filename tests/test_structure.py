@@ -26,6 +26,7 @@ RANKS = {
     "presses": 4,
     "decode": 4,
     "refs": 4.5,
+    "search": 4.5,
     "compress": 5,
     "ingest": 6,
     "client": 7,

@@ -164,6 +164,9 @@ def test_batch_is_ingested_indexed_and_answerable(target: Target) -> None:
         timeout=120,
     )
     assert "mara" in answer.lower()  # the end of the text: StreamingLLM keeps it
+    bakery, lighthouse = (d.context_ids[0] for d in reversed(status.documents))
+    [composed] = jobs.ask(target.app, [bakery, lighthouse], ["What is the name of the keeper?"], 12, timeout=120)
+    assert "mara" in composed.lower()  # one answer from both stored contexts, composed on the worker
 
 
 def test_bad_input_fails_at_once_with_a_clear_message(target: Target) -> None:

@@ -48,6 +48,14 @@ def test_bad_input_is_not_retried(tasks, monkeypatch: pytest.MonkeyPatch) -> Non
     assert isinstance(refused.result, ValueError) and "cannot be set per document" in str(refused.result)
 
 
+def test_questions_must_come_as_a_list(tasks, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(tasks.runtime, "client", lambda: calls.append(1))
+    for questions in ("What is it?", ["ok", ""], [3]):
+        refused = tasks.answer_questions.apply(args=["deadbeefcafe", questions])
+        assert isinstance(refused.result, DocumentError) and not calls
+
+
 def test_tasks_have_time_limits_and_late_acks(tasks) -> None:
     for task in (tasks.ingest_document, tasks.answer_questions):
         assert 0 < task.soft_time_limit < task.time_limit

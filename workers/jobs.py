@@ -101,8 +101,7 @@ def submit(app: Celery, documents: Sequence[Document], compression: Compression 
         raise ValueError("nothing to submit: no documents")
     chosen = (compression or Compression()).to_dict()
     signatures = [
-        app.signature(INGEST_TASK, kwargs={"text": d.text, "source": d.source, "settings": chosen})
-        for d in documents
+        app.signature(INGEST_TASK, kwargs={"text": d.text, "source": d.source, "settings": chosen}) for d in documents
     ]
     batch = group(signatures, app=app)
     job: GroupResult = batch.freeze()  # task ids fixed now; apply_async keeps them
@@ -167,9 +166,14 @@ def wait(
 
 
 def ask(
-    app: Celery, ref: str, questions: Sequence[str], max_new_tokens: int | None = None, timeout: float = 600.0
+    app: Celery,
+    refs: str | Sequence[str],
+    questions: Sequence[str],
+    max_new_tokens: int | None = None,
+    timeout: float = 600.0,
 ) -> list[str]:
-    """Answer questions against a stored context on a worker of the answer queue."""
+    """Answer questions on a worker of the answer queue, from one stored context or several composed."""
+    ref = refs if isinstance(refs, str) else list(refs)
     with producer(app) as publisher:
         result = app.send_task(ANSWER_TASK, args=[ref, list(questions), max_new_tokens], producer=publisher)
     return list(result.get(timeout=timeout))

@@ -96,8 +96,17 @@ def ingest_document(
 
 
 @_task(ANSWER_TASK, _limits.answer_time_limit)
-def answer_questions(self: Task, ref: str, questions: list[str], max_new_tokens: int | None = None) -> list[str]:
-    """Answer a batch of questions against one stored context (an id, a unique prefix or a path)."""
+def answer_questions(
+    self: Task, ref: str | list[str], questions: list[str], max_new_tokens: int | None = None
+) -> list[str]:
+    """Answer a batch of questions from one stored context, or from several composed into one prompt.
+
+    `ref` is an id, a unique prefix or a document path, or a list of them (composed in that order).
+    """
+    if isinstance(questions, str) or not isinstance(questions, list | tuple):
+        raise DocumentError("questions must be a list of strings, not a single string")
+    if not all(isinstance(q, str) and q.strip() for q in questions):
+        raise DocumentError("every question must be a non-empty string")
     if not questions:
         return []
     kv = runtime.client()

@@ -22,6 +22,8 @@ from kvstore.eval.metrics import score
 
 RETRIEVAL = "retrieval"
 AGGREGATION = "aggregation"
+MULTI_DOCUMENT = "multi-document"
+DOCUMENTS = 4  # documents per multi-document sample, together `context_tokens` long (as a joint prefill sees them)
 
 NIAH_NEEDLE = "The special magic number for {key} is {value}."
 NIAH_QUESTION = "What is the special magic number for {key}?"
@@ -39,6 +41,8 @@ class Sample:
     answers: list[str]
     metric: str
     meta: dict[str, Any] = field(default_factory=dict)
+    # Multi-document samples: the documents, stored separately and composed; `context` is their joint text.
+    documents: tuple[str, ...] = ()
 
     def score(self, answer: str) -> float:
         """Score a model's answer in [0, 1] with this sample's metric."""
@@ -58,14 +62,20 @@ class _Request:
     count_tokens: CountTokens
     depth: float  # evenly spread over the cases of a task; used by single-needle tasks
 
-    def context(self, needles: Sequence[Needle]) -> str:
-        return build_context(self.context_tokens, needles, self.haystack, self.rng.randrange(2**31), self.count_tokens)
+    def context(self, needles: Sequence[Needle], tokens: int | None = None) -> str:
+        seed = self.rng.randrange(2**31)
+        return build_context(tokens or self.context_tokens, needles, self.haystack, seed, self.count_tokens)
+
+    def documents(self, needles: Sequence[Sequence[Needle]]) -> tuple[str, ...]:
+        """One document per list of needles, `context_tokens` in all (each from its own stretch of filler)."""
+        return tuple(self.context(doc_needles, self.context_tokens // len(needles)) for doc_needles in needles)
 
     def depths(self, k: int) -> list[float]:
         return [round(self.rng.random(), 4) for _ in range(k)]
 
 
-_Built = tuple[str, str, list[str], dict[str, Any]]  # context, question, answers, meta
+# context (or the documents of a multi-document sample), question, answers, meta
+_Built = tuple[str | tuple[str, ...], str, list[str], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -224,6 +234,48 @@ def _qa(req: _Request) -> _Built:
     return req.context(needles), question, [values[0]], {"person": people[0]}
 
 
+def _multidoc_needle(req: _Request) -> _Built:
+    """One needle per document, each with its own key; the question asks one of them."""
+    keys, values = _keys(req.rng, DOCUMENTS), _numbers(req.rng, DOCUMENTS)
+    depths = req.depths(DOCUMENTS)
+    documents = req.documents(
+        [[Needle(NIAH_NEEDLE.format(key=k, value=v), d)] for k, v, d in zip(keys, values, depths, strict=True)]
+    )
+    target = req.rng.randrange(DOCUMENTS)
+    meta = {"target_document": target, "key": keys[target], "depths": depths}
+    return documents, NIAH_QUESTION.format(key=keys[target]), [values[target]], meta
+
+
+_HOP_1 = "{person} lives in the town of {town}."
+_HOP_2 = "The mayor of {town} is called {mayor}."
+_TWO_HOP_QUESTION = "What is the name of the mayor of the town where {person} lives?"
+
+
+def _two_hop(req: _Request) -> _Built:
+    """Where a person lives is in one document, who is that town's mayor in another; a decoy pair elsewhere."""
+    rng = req.rng
+    firsts = rng.sample(W.FACT_FIRST_NAMES, 4)  # fact names never appear in the filler text
+    people = [f"{f} {last}" for f, last in zip(firsts[:2], rng.sample(W.FACT_LAST_NAMES, 2), strict=True)]
+    towns, mayors = rng.sample(W.TOWNS, 2), firsts[2:]
+    facts = [
+        _HOP_1.format(person=people[0], town=towns[0]),
+        _HOP_2.format(town=towns[0], mayor=mayors[0]),
+        _HOP_1.format(person=people[1], town=towns[1]),
+        _HOP_2.format(town=towns[1], mayor=mayors[1]),
+    ]
+    order = rng.sample(range(DOCUMENTS), DOCUMENTS)  # document i holds fact order[i]
+    documents = req.documents([[Needle(facts[i], round(rng.random(), 4))] for i in order])
+    meta = {"person": people[0], "town": towns[0], "fact_documents": [order.index(0), order.index(1)]}
+    return documents, _TWO_HOP_QUESTION.format(person=people[0]), [mayors[0]], meta
+
+
+def _long_document(req: _Request) -> _Built:
+    """One document with one needle, stored in DOCUMENTS parts and answered whole (through `ask DOC`)."""
+    (key,), (value,) = _keys(req.rng, 1), _numbers(req.rng, 1)
+    text = req.context([Needle(NIAH_NEEDLE.format(key=key, value=value), req.depth)])
+    return text, NIAH_QUESTION.format(key=key), [value], {"depth": req.depth, "key": key, "parts": DOCUMENTS}
+
+
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
@@ -235,6 +287,9 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("variable_tracking", AGGREGATION, "word_recall", _variable_tracking),
         TaskSpec("common_words", AGGREGATION, "word_recall", _common_words),
         TaskSpec("frequent_words", AGGREGATION, "word_recall", _frequent_words),
+        TaskSpec("multidoc_needle", MULTI_DOCUMENT, "contains_all", _multidoc_needle),
+        TaskSpec("two_hop", MULTI_DOCUMENT, "contains_any", _two_hop),
+        TaskSpec("long_document", MULTI_DOCUMENT, "contains_all", _long_document),
     )
 }
 
@@ -265,14 +320,15 @@ def make_sample(
         count_tokens=count_tokens,
         depth=(index + 0.5) / n if depth is None else depth,
     )
-    context, question, answers, meta = spec.build(req)
+    built, question, answers, meta = spec.build(req)
+    documents = built if isinstance(built, tuple) else ()
+    context = "\n\n".join(documents) if documents else built
     missing = [a for a in answers if a not in context]
     if missing:  # a generator bug, never a property of the data
         raise RuntimeError(f"{task}: answers {missing} are not in the generated context")
     meta = {"context_tokens": context_tokens, "tokens": count_tokens(context), "haystack": req.haystack.name, **meta}
-    return Sample(
-        f"{task}-{context_tokens}-{seed}-{index}", task, spec.family, context, question, answers, spec.metric, meta
-    )
+    sample_id = f"{task}-{context_tokens}-{seed}-{index}"
+    return Sample(sample_id, task, spec.family, context, question, answers, spec.metric, meta, documents)
 
 
 def make_suite(

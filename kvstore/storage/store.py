@@ -48,6 +48,7 @@ from kvstore.storage.blob import (
     get_format,
 )
 from kvstore.storage.index import KEY_PREFIX, ContextIndex, ContextRecord
+from kvstore.storage.texts import ContextTexts
 
 if TYPE_CHECKING:
     from kvstore.engine.models import LoadedModel
@@ -172,6 +173,7 @@ class ContextStore:
     def __init__(self, home: Path, index: ContextIndex, blob_format: str = "safetensors", quant: str = "none"):
         self.home = Path(home)
         self.index = index
+        self.texts = ContextTexts(index)
         self.blob_format = get_format(blob_format).name
         self.quant = quant
         bits_for(quant)
@@ -359,6 +361,7 @@ class ContextStore:
         if record is None or not self.index.delete(context_id, if_created=record.created):
             return False
         _remove(self.home / record.blob)
+        self.texts.delete(context_id)
         return True
 
     def gc(self, grace_s: float = DEFAULT_GC_GRACE_S) -> GcReport:

@@ -1,0 +1,83 @@
+"""The CLI for scripts: JSON output, distinct exit codes, completion, and commands that start fast."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli.errors import EXIT_ERROR, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_USAGE
+from cli.main import main
+from kvstore.storage.store import ContextMeta, ContextStore
+from tests.factories import PRESS, random_compressed
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.fixture
+def stored(store_home: Path) -> list[str]:
+    """Two synthetic contexts in the store (no model needed to list, show or remove them)."""
+    with ContextStore.open() as store:
+        ids = []
+        for seed in (1, 2):
+            meta = ContextMeta("tiny", "fp", "tok", PRESS, source=f"doc{seed}.txt")
+            ids.append(store.put(random_compressed(seed=seed), meta)[0].id)
+    return ids
+
+
+def test_json_output_for_ls_show_and_stats(stored: list[str]) -> None:
+    listing = run("ls", "--json")
+    assert listing.exit_code == 0, listing.output
+    assert sorted(r["id"] for r in json.loads(listing.output)) == sorted(stored)
+    shown = json.loads(run("show", stored[0][:10], "--json").output)
+    assert [r["id"] for r in shown] == [stored[0]] and shown[0]["source"] == "doc1.txt"
+    totals = json.loads(run("stats", "--json").output)
+    assert totals["contexts"] == 2 and 0.0 < totals["saving"] < 1.0
+
+
+def test_exit_codes_are_distinct_and_documented(stored: list[str]) -> None:
+    assert run("show", "feedfacecafe").exit_code == EXIT_ERROR  # nothing found
+    assert run("ls", "--limit", "0").exit_code == EXIT_USAGE  # a bad value for an option
+    assert run("ls", "--redis-url", "redis://127.0.0.1:1").exit_code == EXIT_UNAVAILABLE
+    help_text = run("--help").output
+    for code in ("0  success", "3  a service is unreachable", "4  status --wait --timeout", "5  finished"):
+        assert code in help_text
+
+
+def test_status_timeout_is_its_own_exit_code(store_home: Path) -> None:
+    from workers import jobs
+    from workers.celery import close_app, create_app
+
+    app = create_app()
+    try:  # a job no worker serves: it stays queued
+        job_id = jobs.submit(app, [jobs.Document("some text", "a.txt")])
+    finally:
+        close_app(app)
+    waited = run("status", job_id, "--wait", "--timeout", "1")
+    assert waited.exit_code == EXIT_TIMEOUT and "not finished" in waited.output
+    snapshot = json.loads(run("status", job_id, "--json").output)
+    assert snapshot["job_id"] == job_id and snapshot["documents"][0]["state"] == "queued"
+
+
+def test_context_ids_complete_in_the_shell(stored: list[str], store_home: Path) -> None:
+    prefix = stored[0][:3]
+    env = {"_KVSTORE_COMPLETE": "bash_complete", "COMP_WORDS": f"kvstore show {prefix}", "COMP_CWORD": "2"}
+    result = CliRunner().invoke(main, [], env=env, prog_name="kvstore")
+    offered = {line.split(",", 1)[1] for line in result.output.splitlines() if line.startswith("plain,")}
+    assert offered == {i for i in stored if i.startswith(prefix)}
+
+
+@pytest.mark.parametrize("args", [["--help"], ["status", "no-such-job"], ["submit", "--help"]])
+def test_light_commands_never_import_torch(args: list[str], store_home: Path) -> None:
+    probe = (
+        "import sys\nfrom cli.main import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print('LOADED', sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True).stdout
+    assert "LOADED []" in out, out[-500:]

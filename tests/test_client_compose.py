@@ -1,0 +1,105 @@
+"""The client answers once from several stored contexts: lists of refs, long documents, retrieval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvstore import KVStore
+from kvstore.decode.cache import CompressedCache
+from kvstore.decode.compose import compose
+from kvstore.decode.generation import GenerationOptions, answer_many
+from kvstore.engine.rotary import PositionError
+from kvstore.errors import InputError, NotFoundError
+from tests.tiny import sample_text, tiny_model
+
+OPTIONS = GenerationOptions(max_new_tokens=6)
+
+
+@pytest.fixture
+def kv(store_home: Path):
+    with KVStore(model="tiny-llama", press="kvzip", ratio=0.5) as client:
+        client._models["tiny-llama"] = tiny_model("llama", seed=7)  # the test's model, as if loaded by name
+        yield client
+
+
+def _ingest(kv: KVStore, texts: list[str]) -> list[str]:
+    return [kv.ingest_text(text, source=f"doc{i}.txt")[0].record.id for i, text in enumerate(texts)]
+
+
+def test_a_list_of_refs_is_composed_in_order_and_answered_once(kv: KVStore) -> None:
+    ids = _ingest(kv, [sample_text(60, seed=s) for s in (1, 2, 3)])
+    answer = kv.ask(ids, "the vault", OPTIONS)
+    assert answer.contexts == tuple(ids) and isinstance(answer, str)
+    loaded = kv.model()
+    parts = [kv.store.load(i, loaded.fingerprint) for i in ids]
+    [expected] = answer_many(loaded, CompressedCache(compose(loaded, parts)), ["the vault"], OPTIONS)
+    assert answer == expected
+    assert answer.prompt_tokens == compose(loaded, parts).original_length + len(loaded.frame.question_ids("the vault"))
+    assert kv.prepare(ids, ["x"]) is kv.prepare(ids, ["y"])  # composed once, then reused
+    batch = kv.ask_many(ids, ["the vault", "users"], OPTIONS)
+    assert batch[0] == answer and all(a.contexts == tuple(ids) for a in batch)
+    assert "".join(kv.stream(ids, "the vault", OPTIONS)) == answer
+
+
+def test_bad_lists_of_refs_are_refused_with_one_clear_error(kv: KVStore) -> None:
+    a, b = _ingest(kv, [sample_text(40, seed=4), sample_text(40, seed=6)])
+    with pytest.raises(InputError, match="no contexts given"):
+        kv.ask([], "anything?")
+    with pytest.raises(NotFoundError, match="no stored context for 'feedfacecafe'"):
+        kv.ask([a, "feedfacecafe"], "anything?")
+    kv._models["tiny-qwen3"] = tiny_model("qwen3")
+    [other] = kv.ingest_text(sample_text(40, seed=5), model="tiny-qwen3")
+    with pytest.raises(InputError, match="stored by different models"):
+        kv.ask([a, other.record.id], "anything?")
+    config = kv.model().model.config
+    reserve = len(kv.model().frame.question_ids("anything?")) + OPTIONS.max_new_tokens
+    alone = kv.store.get(a).original_length + reserve
+    window, config.max_position_embeddings = config.max_position_embeddings, alone
+    try:
+        assert kv.ask(a, "anything?", OPTIONS).contexts == (a,)  # fits exactly
+        with pytest.raises(PositionError, match=f"window of {alone:,} tokens"):
+            kv.ask([a, b[:10]], "anything?", OPTIONS)  # two ids (one a prefix) do not fit
+    finally:
+        config.max_position_embeddings = window
+    assert len(kv.store.list()) == 3  # nothing was stored or changed by the refusals
+
+
+def test_a_long_document_keeps_the_parts_relevant_to_the_question(kv: KVStore, tmp_path: Path) -> None:
+    config = kv.model().model.config
+    window, config.max_position_embeddings = config.max_position_embeddings, 640
+    try:
+        paragraphs = [sample_text(60, seed=20 + i) for i in range(6)]
+        paragraphs[3] += " The lighthouse keeper is called Zebulon."
+        doc = tmp_path / "long.txt"
+        doc.write_text("\n\n".join(paragraphs))
+        parts = kv.ingest_files([doc])
+        assert len(parts) > 2
+        answer = kv.ask(str(doc), "Who is the lighthouse keeper Zebulon?", OPTIONS)
+        used = [kv.store.require(i) for i in answer.contexts]
+        assert 0 < len(used) < len(parts)  # not everything fits: the most relevant parts were kept
+        assert any("Zebulon" in kv.searcher.text(r.id) for r in used)
+        assert [r.part for r in used] == sorted(r.part for r in used)  # in document order
+        assert answer.prompt_tokens + OPTIONS.max_new_tokens <= 640
+    finally:
+        config.max_position_embeddings = window
+
+
+def test_search_ranks_parts_without_reading_blobs_and_retrieval_answers_once(
+    kv: KVStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = [sample_text(50, seed=30 + i) for i in range(4)]
+    texts[2] += " The archive is kept in the city of Quillport."
+    ids = _ingest(kv, texts)
+    loads = []
+    monkeypatch.setattr(kv.store, "load", lambda *a, **k: loads.append(a) or pytest.fail("search read a blob"))
+    hits = kv.search("Which city keeps the archive, Quillport?", k=3)
+    assert hits[0].id == ids[2] and hits[0].source == "doc2.txt" and (hits[0].part, hits[0].parts) == (0, 1)
+    assert hits[0].score > 0 and [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    monkeypatch.undo()
+    answer = kv.retrieve_and_ask("Which city keeps the archive, Quillport?", k=2, options=OPTIONS)
+    assert answer.contexts[0] == ids[2] and set(answer.contexts) <= {h.id for h in hits}
+    kv.store.delete(ids[2])
+    assert all(h.id != ids[2] for h in kv.search("Quillport archive", k=4))  # deleted: its text is gone too
+    assert kv.store.texts.get_many([ids[2]]) == {}
