@@ -14,6 +14,7 @@ from cli.context_cmds import ask, gc, list_contexts, remove, search, show, stats
 from cli.errors import EXIT_CODES_HELP, FriendlyGroup
 from cli.eval_cmd import evaluate_command, report_command
 from cli.ingest_cmd import ingest
+from cli.serve_cmd import serve
 from cli.worker_cmds import status_cmd, submit_cmd, worker
 
 
@@ -47,6 +48,7 @@ for command in (
     evaluate_command,
     report_command,
     bench,
+    serve,
     worker,
     submit_cmd,
     status_cmd,

@@ -82,12 +82,15 @@ class KVStore:
     environment instead, each validated by `Settings`.
     """
 
-    def __init__(self, settings: Settings | None = None, *, max_contexts: int = 8, **fields: Any):
+    def __init__(
+        self, settings: Settings | None = None, *, max_contexts: int = 8, resolve_paths: bool = True, **fields: Any
+    ):
         if settings is not None and fields:
             raise TypeError("pass either a Settings object or keyword settings, not both")
         self.settings = settings or Settings().with_overrides(**fields)
         self.store = ContextStore.open(self.settings)
         self.max_contexts = max_contexts
+        self.resolve_paths = resolve_paths  # False: refs are ids and prefixes only (a server's remote callers)
         self._models: dict[str, LoadedModel] = {}
         self._contexts: OrderedDict[str, LoadedContext] = OrderedDict()
         self._compositions: OrderedDict[tuple[str, ...], LoadedContext] = OrderedDict()
@@ -162,7 +165,7 @@ class KVStore:
         A document stored under several settings resolves to the version stored under this client's
         settings, else to the newest one.
         """
-        return resolve(self.store, ref, self._stored_here)
+        return resolve(self.store, ref, self._stored_here, paths=self.resolve_paths)
 
     def records(self, refs: Refs) -> list[ContextRecord]:
         """Every record the refs name, in order (a document path names all its parts); duplicates dropped."""
@@ -196,6 +199,16 @@ class KVStore:
         while len(self._contexts) > self.max_contexts:
             self._contexts.popitem(last=False)
         return context
+
+    def delete(self, ref: str) -> list[ContextRecord]:
+        """Remove the contexts a ref names from the store, and from this client's memory."""
+        records = self.resolve(ref)
+        for record in records:
+            self.store.delete(record.id)
+            self._contexts.pop(record.id, None)
+            for key in [k for k in self._compositions if record.id in k]:
+                del self._compositions[key]
+        return records
 
     def contexts(self, ref: str) -> list[LoadedContext]:
         """Every part of a document (or the single context an id names)."""
@@ -290,23 +303,29 @@ class KVStore:
         name = self.settings.model
         return self.searcher.search(question, k, where=lambda r: r.model == name)
 
-    def retrieve_and_ask(self, question: str, k: int = 4, options: Options = None, **generation: Any) -> Answer:
-        """RAG in one call: the top-`k` contexts that fit the window, composed in rank order, one answer.
-
-        `answer.contexts` names the contexts used; `search` gives their sources and scores.
-        """
+    def prepare_retrieved(self, question: str, k: int = 4, options: Options = None) -> LoadedContext:
+        """The top-`k` contexts for `question` that fit the window together, composed in rank order."""
         hits = self.search(question, k)
         if not hits:
-            raise ContextNotFoundError("the store holds no searchable context for this model: ingest documents first")
-        chosen = generation_options(options, **generation)
-        loaded = self.model()
-        reserve = len(loaded.frame.question_ids(question)) + chosen.max_new_tokens
+            raise ContextNotFoundError("no stored context of this model matches the question: ingest documents first")
+        chosen = generation_options(options)
+        reserve = len(self.model().frame.question_ids(question)) + chosen.max_new_tokens
         window = self._window(hits[0].record)
         used: list[ContextRecord] = []
         for hit in hits:
             if composed_tokens([*used, hit.record]) + reserve <= window:
                 used.append(hit.record)
-        return self._composed(used, reserve).ask_many([question], chosen)[0]
+        if not used:
+            raise PositionError(f"no retrieved context fits the model's window of {window:,} tokens with the question")
+        return self._composed(used, reserve)
+
+    def retrieve_and_ask(self, question: str, k: int = 4, options: Options = None, **generation: Any) -> Answer:
+        """RAG in one call: the top-`k` contexts that fit the window, composed in rank order, one answer.
+
+        `answer.contexts` names the contexts used; `search` gives their sources and scores.
+        """
+        chosen = generation_options(options, **generation)
+        return self.prepare_retrieved(question, k, chosen).ask_many([question], chosen)[0]
 
 
 def composed_tokens(records: list[ContextRecord]) -> int:

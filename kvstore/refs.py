@@ -84,15 +84,18 @@ def pick_version(versions: list[StoredDocument], ref: str, prefer: Preference | 
     return chosen
 
 
-def resolve(store: ContextStore, ref: str, prefer: Preference | None = None) -> list[ContextRecord]:
-    """Records for an id, a unique id prefix, or the path of an ingested document (all its parts)."""
+def resolve(store: ContextStore, ref: str, prefer: Preference | None = None, paths: bool = True) -> list[ContextRecord]:
+    """Records for an id, a unique id prefix, or (when `paths`) the path of an ingested document.
+
+    A server resolving refs for remote callers passes paths=False: they must never make it read a file.
+    """
     if not ref or not ref.strip():
         raise InputError("empty context reference: give an id, an id prefix or a document path")
     record = store.get(ref)
     if record is not None:
         return [record]
     path = Path(ref).expanduser()
-    if path.is_file():
+    if paths and path.is_file():
         return pick_version(stored_versions(store, read_document(path)), ref, prefer).records
     if len(ref) >= MIN_ID_PREFIX:
         matches_ = [cid for cid in store.index.ids() if cid.startswith(ref)]
@@ -100,4 +103,5 @@ def resolve(store: ContextStore, ref: str, prefer: Preference | None = None) -> 
             return [store.require(matches_[0])]
         if matches_:
             raise ContextNotFoundError(f"id prefix {ref!r} is ambiguous ({len(matches_)} contexts)")
-    raise ContextNotFoundError(f"no stored context for {ref!r} (an id, an id prefix or an ingested file)")
+    what = "an id, an id prefix or an ingested file" if paths else "an id or an id prefix"
+    raise ContextNotFoundError(f"no stored context for {ref!r} ({what})")

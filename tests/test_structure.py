@@ -30,6 +30,7 @@ RANKS = {
     "compress": 5,
     "ingest": 6,
     "client": 7,
+    "server": 7.5,
     "eval": 8,
 }
 

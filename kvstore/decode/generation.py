@@ -118,8 +118,8 @@ class Answer(str):
 
 
 @dataclass
-class _Row:
-    """One question's decoding state."""
+class Row:
+    """One question's decoding state: its tokens so far, and whether and why it finished."""
 
     prompt_tokens: int
     tokens: list[int] = field(default_factory=list)
@@ -216,14 +216,17 @@ def _trim_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
-def _decode_rows(
+def decode_rows(
     loaded: LoadedModel, cache: CompressedCache, questions: list[str], options: GenerationOptions
-) -> Iterator[list[_Row]]:
-    """Run the step loop, yielding every row's state after each step, until all rows finished."""
+) -> Iterator[list[Row]]:
+    """Run the step loop, yielding every row's state after each step, until all rows finished.
+
+    A caller may interleave several of these (the HTTP server advances one step of each batch in turn).
+    """
     frame = loaded.frame
     stop_ids = frame.stop_ids()
     question_ids = [frame.question_ids(q) for q in questions]
-    rows = [_Row(cache.original_length + len(ids)) for ids in question_ids]
+    rows = [Row(cache.original_length + len(ids)) for ids in question_ids]
     stop_check = StopStringCriteria(loaded.tokenizer, list(options.stop)) if options.stop else None
     for tokens in decode_tokens(loaded, cache, question_ids, stop_ids, options):
         for row, token in zip(rows, tokens.tolist(), strict=True):
@@ -240,7 +243,7 @@ def _decode_rows(
             return
 
 
-def _text(loaded: LoadedModel, row: _Row, options: GenerationOptions) -> tuple[str, bool]:
+def _text(loaded: LoadedModel, row: Row, options: GenerationOptions) -> tuple[str, bool]:
     return _trim_at_stop(loaded.tokenizer.decode(row.tokens, skip_special_tokens=True), options.stop)
 
 
@@ -252,13 +255,46 @@ def answer_many(
     contexts: Sequence[str] = (),
 ) -> list[Answer]:
     """Decode all questions as one batch against the shared compressed prefix."""
-    [rows] = deque(_decode_rows(loaded, cache, questions, options), maxlen=1)  # the rows once all finished
-    answers = []
-    for row in rows:
-        text, stopped = _text(loaded, row, options)
-        reason = "stop" if stopped else row.finish_reason
-        answers.append(Answer(text.strip(), contexts, row.prompt_tokens, len(row.tokens), reason))
-    return answers
+    [rows] = deque(decode_rows(loaded, cache, questions, options), maxlen=1)  # the rows once all finished
+    return [finished_answer(loaded, row, options, contexts) for row in rows]
+
+
+def finished_answer(loaded: LoadedModel, row: Row, options: GenerationOptions, contexts: Sequence[str]) -> Answer:
+    """The Answer of a row that finished decoding."""
+    text, stopped = _text(loaded, row, options)
+    return Answer(text.strip(), contexts, row.prompt_tokens, len(row.tokens), "stop" if stopped else row.finish_reason)
+
+
+class TextStream:
+    """Turns one row's growing tokens into text pieces that join into its final answer.
+
+    Text that could still become a stop string, or an incomplete UTF-8 character, is held back.
+    """
+
+    def __init__(self, loaded: LoadedModel, options: GenerationOptions):
+        self.loaded, self.options = loaded, options
+        self.hold = max((len(s) - 1 for s in options.stop), default=0)
+        self.shown = ""
+
+    def _final(self, row: Row) -> tuple[str, bool]:
+        text, stopped = _text(self.loaded, row, self.options)
+        return text.strip(), stopped
+
+    def update(self, row: Row) -> str:
+        """The new piece after a decoding step (possibly empty)."""
+        final, stopped = self._final(row)
+        ready = final if stopped or not self.hold else final[: max(0, len(final) - self.hold)]
+        return self._advance(ready.rstrip("\ufffd").rstrip())
+
+    def finish(self, row: Row) -> str:
+        """Whatever was held back, once the row finished."""
+        return self._advance(self._final(row)[0])
+
+    def _advance(self, ready: str) -> str:
+        if not ready.startswith(self.shown) or len(ready) <= len(self.shown):
+            return ""
+        piece, self.shown = ready[len(self.shown) :], ready
+        return piece
 
 
 def stream_answer(
@@ -267,19 +303,11 @@ def stream_answer(
     question: str,
     options: GenerationOptions = GREEDY,
 ) -> Iterator[str]:
-    """Yield the answer's text as it is decoded; the pieces join into what `answer_many` returns.
-
-    Text that could still become a stop string, or an incomplete UTF-8 character, is held back.
-    """
-    hold = max((len(s) - 1 for s in options.stop), default=0)
-    shown = final = ""
-    for rows in _decode_rows(loaded, cache, [question], options):
-        text, stopped = _text(loaded, rows[0], options)
-        final = text.strip()
-        ready = final if stopped or not hold else final[: max(0, len(final) - hold)]
-        ready = ready.rstrip("\ufffd").rstrip()
-        if ready.startswith(shown) and len(ready) > len(shown):
-            yield ready[len(shown) :]
-            shown = ready
-    if final.startswith(shown) and len(final) > len(shown):
-        yield final[len(shown) :]
+    """Yield the answer's text as it is decoded; the pieces join into what `answer_many` returns."""
+    text = TextStream(loaded, options)
+    rows: list[Row] = []
+    for rows in decode_rows(loaded, cache, [question], options):
+        if piece := text.update(rows[0]):
+            yield piece
+    if rows and (piece := text.finish(rows[0])):
+        yield piece
