@@ -14,7 +14,7 @@ from rich.table import Table
 
 from cli.console import make_console
 from cli.eval_cmd import parse_numbers, parse_spec
-from cli.options import haystack_option, model_option, quiet_transformers, with_settings
+from cli.options import Finite, haystack_option, model_option, quiet_transformers, with_settings
 from kvstore.config import QUANT_BITS, Settings
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ THROUGHPUT_QUESTIONS = [
 @click.option(
     "--press", default="kvzip", show_default=True, callback=parse_spec, help="Press spec, e.g. kvzip+think:0.25."
 )
-@click.option("--ratio", default=0.75, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True))
+@click.option("--ratio", default=0.75, show_default=True, type=Finite(0.0, 1.0, max_open=True))
 @click.option("--quant", default="none", show_default=True, type=click.Choice(sorted(QUANT_BITS)))
 @click.option(
     "--lengths",

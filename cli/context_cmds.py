@@ -15,6 +15,7 @@ from rich.table import Table
 
 from cli.console import make_console
 from cli.options import (
+    Finite,
     complete_context_ids,
     json_option,
     model_option,
@@ -172,7 +173,7 @@ def _sources(kv: KVStore, ids: tuple[str, ...]) -> str:
 @click.option(
     "--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096), help="Longest answer, in tokens."
 )
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0), help="0 = greedy.")
+@click.option("--temperature", default=0.0, show_default=True, type=Finite(0.0), help="0 = greedy.")
 @click.option("--stop", multiple=True, help="End the answer before this string (repeatable).")
 @json_option
 @model_option
@@ -209,6 +210,8 @@ def ask(
     refs, questions = ([], list(args)) if retrieve else ([args[0], *more], list(args[1:]))
     if not questions:
         raise click.UsageError("give at least one question after REF (or use --retrieve K)")
+    if any(not q.strip() for q in questions) or any(not r.strip() for r in refs):
+        raise click.UsageError("empty question or context reference")
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, stop=stop)
     quiet_transformers()
     with KVStore(settings) as kv:
@@ -298,7 +301,7 @@ def remove(refs: tuple[str, ...], settings: Settings) -> None:
     "--grace",
     default=600.0,
     show_default=True,
-    type=click.FloatRange(0.0),
+    type=Finite(0.0),
     help="Leave blobs younger than this many seconds (a write may still be committing).",
 )
 @store_options

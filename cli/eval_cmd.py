@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cli.console import make_console
-from cli.options import haystack_option, model_option, quiet_transformers, with_settings
+from cli.options import Finite, haystack_option, model_option, quiet_transformers, with_settings
 from kvstore.config import QUANT_BITS, Settings
 from kvstore.eval.tasks import TASKS, make_suite
 
@@ -29,8 +30,13 @@ def parse_numbers(ctx: click.Context, param: click.Parameter, value: str) -> lis
         numbers = [float(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
-    if any(not 0.0 <= r < 1.0 for r in numbers) and param.name == "ratios":
-        raise click.BadParameter("ratios must be in [0, 1)")
+    if not numbers or any(not math.isfinite(n) for n in numbers):
+        raise click.BadParameter(f"expected comma-separated finite numbers, got {value!r}")
+    if param.name == "ratios":
+        if any(not 0.0 <= r < 1.0 for r in numbers):
+            raise click.BadParameter("ratios must be in [0, 1)")
+    elif any(n < 1 for n in numbers):
+        raise click.BadParameter(f"expected counts of at least 1, got {value!r}")
     return numbers
 
 
@@ -102,7 +108,7 @@ def _names(choices: list[str]) -> Callable[[click.Context, click.Parameter, str]
     "blend_fraction",
     default=0.0,
     show_default=True,
-    type=click.FloatRange(0.0, 1.0),
+    type=Finite(0.0, 1.0),
     help="Multi-document tasks: also answer from compositions whose later segments had this fraction of "
     "their kept tokens recomputed against the composed prefix (CacheBlend); 0 = off.",
 )

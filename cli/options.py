@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,18 @@ def with_settings(func: F) -> F:
         return func(*args, settings=Settings().with_overrides(**given), **kwargs)
 
     return wrapper
+
+
+class Finite(click.FloatRange):
+    """A FloatRange that also refuses nan and infinity (click's own lets nan through every bound)."""
+
+    name = "finite float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def given_compression() -> Compression:

@@ -8,7 +8,7 @@ import os
 import click
 
 from cli.errors import fail
-from cli.options import model_option, quiet_transformers, store_options, with_settings
+from cli.options import Finite, model_option, quiet_transformers, store_options, with_settings
 from kvstore.config import Settings
 
 
@@ -25,9 +25,7 @@ def _loopback(host: str) -> bool:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (others need KVSTORE_API_KEY).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--max-tokens", default=1024, show_default=True, type=click.IntRange(1, 4096), help="Largest max_tokens.")
-@click.option(
-    "--max-request-mb", default=8.0, show_default=True, type=click.FloatRange(0.0, min_open=True), help="Body limit."
-)
+@click.option("--max-request-mb", default=8.0, show_default=True, type=Finite(0.0, min_open=True), help="Body limit.")
 @click.option("--max-contexts", default=16, show_default=True, type=click.IntRange(1), help="Loaded contexts (LRU).")
 @click.option("--queue", is_flag=True, help="Ingest POSTed texts through the Celery workers (returns a job id).")
 @click.option(

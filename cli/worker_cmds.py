@@ -16,6 +16,7 @@ from cli.console import make_console
 from cli.errors import EXIT_PARTIAL, EXIT_TIMEOUT, EXIT_UNAVAILABLE, fail
 from cli.options import (
     F,
+    Finite,
     compression_options,
     given_compression,
     json_option,
@@ -299,7 +300,7 @@ def submit_cmd(paths: tuple[str, ...], wait_: bool, broker_url: str | None, sett
 @click.argument("job_id", metavar="JOB")
 @click.option("--wait", "wait_", is_flag=True, help="Show a live progress bar until the job is finished.")
 @click.option(
-    "--timeout", type=click.FloatRange(0.0), default=None, help="With --wait: give up after this many seconds (exit 4)."
+    "--timeout", type=Finite(0.0), default=None, help="With --wait: give up after this many seconds (exit 4)."
 )
 @json_option
 @broker_option

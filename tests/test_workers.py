@@ -105,8 +105,8 @@ class Target:
     def store(self) -> ContextStore:
         return ContextStore.open(self.settings)
 
-    def log_tail(self) -> str:
-        return "\n".join(p.read_text()[-3000:] for p in sorted(self.logs.glob("worker-*.log")))
+    def log_tail(self, full: bool = False) -> str:
+        return "\n".join(p.read_text()[0 if full else -3000 :] for p in sorted(self.logs.glob("worker-*.log")))
 
 
 @pytest.fixture(scope="module", params=TARGETS)
@@ -216,6 +216,21 @@ def test_a_sigkilled_worker_task_is_redelivered_and_stored_once(target: Target) 
         for record in records:
             store.load(record.id)
         assert not store.gc(grace_s=0).stale_records
+
+
+def test_a_slow_task_redelivered_while_its_worker_lives_runs_once(target: Target) -> None:
+    """Longer than the visibility timeout: the copy handed to the second worker waits on the lease."""
+    target.start_worker()
+    long_text = " ".join(f"Sentence {i} of the long ledger notes that shipment {i} left the dock." for i in range(330))
+    started = time.monotonic()
+    status = _wait(target, jobs.submit(target.app, [jobs.Document(long_text, "ledger.md")]), timeout=400)
+    assert status.documents[0].state == "done", status
+    assert time.monotonic() - started > VISIBILITY_TIMEOUT_S + 6  # long enough to have been handed out again
+    logs = target.log_tail(full=True)
+    assert logs.count("ingesting ledger.md") == 1, logs[-3000:]  # it ran once
+    assert "still running on another worker" in logs
+    with target.store() as store:
+        assert [r.source for r in store.list()].count("ledger.md") == 1
 
 
 def test_a_task_whose_worker_kept_dying_fails_instead_of_running_again(target: Target) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,7 +63,9 @@ def test_tasks_have_time_limits_and_late_acks(tasks) -> None:
         assert 0 < task.soft_time_limit < task.time_limit
     conf = tasks.app.conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
-    assert conf.broker_transport_options["visibility_timeout"] > tasks.ingest_document.time_limit
+    # A dead worker's task is picked up within minutes, far sooner than the longest task may run
+    # (leases keep a slow task from running twice: test_workers checks it end to end).
+    assert conf.broker_transport_options["visibility_timeout"] < tasks.ingest_document.time_limit / 10
     assert conf.task_routes["kvstore.answer_questions"]["queue"] == "kvstore.answer"
 
 
@@ -76,5 +80,42 @@ def test_deliveries_are_counted_until_the_limit_then_refused(tmp_path: Path) -> 
         count_delivery(client, "t2", limit=2, ttl_s=60)
         forget_delivery(client, "t2")  # a run that ended, however it ended
         assert count_delivery(client, "t2", limit=2, ttl_s=60) == 1
+    finally:
+        ContextIndex(client).close()
+
+
+def test_tasks_read_paths_only_under_the_allowed_folder(tasks, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    calls = []
+    monkeypatch.setattr(tasks.runtime, "client", lambda: calls.append(1))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the server's own file")
+    refused = tasks.ingest_document.apply(kwargs={"path": str(secret)})
+    assert isinstance(refused.result, DocumentError) and "reads no paths" in str(refused.result)
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    os.mkfifo(allowed / "pipe.txt")
+    monkeypatch.setenv("KVSTORE_FILES_ROOT", str(allowed))
+    outside = tasks.ingest_document.apply(kwargs={"path": "../secret.txt"})
+    assert isinstance(outside.result, DocumentError) and "outside the folder" in str(outside.result)
+    fifo = tasks.ingest_document.apply(kwargs={"path": "pipe.txt"})  # refused at once, never blocks
+    assert isinstance(fifo.result, DocumentError) and "not a regular file" in str(fifo.result)
+    assert not calls
+
+
+def test_a_lease_is_exclusive_refreshed_and_lapses_when_its_holder_stops(tmp_path) -> None:
+    from kvstore.storage.index import ContextIndex, open_redis
+    from workers.lease import Lease
+
+    client, _ = open_redis(None, tmp_path)
+    try:
+        first, second = Lease(client, "task-1", ttl_s=1.5), Lease(client, "task-1", ttl_s=1.5)
+        assert first.acquire() and not second.acquire()
+        time.sleep(2.5)  # longer than the TTL: the heartbeat kept it alive
+        assert not second.acquire()
+        first.release()
+        assert second.acquire()  # released: the next run takes it
+        second._stop.set()  # its holder "dies": no more heartbeats
+        time.sleep(2.0)
+        assert Lease(client, "task-1", ttl_s=1.5).acquire()  # lapsed
     finally:
         ContextIndex(client).close()

@@ -5,8 +5,9 @@ Worker-only knobs (env vars, all optional):
     KVSTORE_BROKER_URL          broker and result backend (default: KVSTORE_REDIS_URL, else the embedded Redis)
     KVSTORE_INGEST_TIME_LIMIT   hard limit in seconds for one document (default 3600; soft limit 60 s earlier)
     KVSTORE_ANSWER_TIME_LIMIT   hard limit in seconds for one batch of questions (default 600)
-    KVSTORE_VISIBILITY_TIMEOUT  seconds before a task held by a dead worker is redelivered
-                                (default: ingest limit + 300, so a live worker's task is never handed out twice)
+    KVSTORE_VISIBILITY_TIMEOUT  seconds before a task held by a dead worker is redelivered (default 300; a
+                                slow task redelivered while its worker lives is not run twice: see workers.lease)
+    KVSTORE_FILES_ROOT          ingest tasks may name a file under this folder (default: none, text only)
     KVSTORE_RESULT_EXPIRES      seconds task results and job records are kept (default 7 days)
     KVSTORE_MAX_DELIVERIES      a task whose worker died this many times fails instead of running again (default 3)
     KVSTORE_TASK_EVENTS         1: workers send task events (for Flower)
@@ -23,6 +24,7 @@ from kombu import Exchange, Queue
 
 from kvstore.config import Settings
 
+DEFAULT_VISIBILITY_TIMEOUT_S = 300.0
 INGEST_QUEUE = "kvstore.ingest"
 ANSWER_QUEUE = "kvstore.answer"
 QUEUES = (INGEST_QUEUE, ANSWER_QUEUE)
@@ -51,8 +53,13 @@ class WorkerSettings:
 
     @property
     def redelivery_after(self) -> float:
-        """Visibility timeout: longer than any task may run, unless set explicitly."""
-        return self.visibility_timeout or self.ingest_time_limit + 300.0
+        """Visibility timeout: how long a task held by a worker that died waits before another takes it.
+
+        Short by default (5 minutes), because a slow task redelivered while its worker still runs it is
+        not run twice: the run's lease (`workers.lease`) sends the copy back to wait. The trade-off: a
+        long task is redelivered (and sent back) every few minutes, a few cheap messages.
+        """
+        return self.visibility_timeout or DEFAULT_VISIBILITY_TIMEOUT_S
 
 
 def soft_limit(hard: float) -> float:

@@ -17,6 +17,8 @@ from typing import Any
 import redis
 from celery import Task
 
+from workers.lease import Lease
+
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "kvstore:v1:deliveries:"
@@ -49,7 +51,10 @@ class DeliveryCappedTask(Task):
     """Celery task base class that counts deliveries around each run.
 
     `max_deliveries` is a task option (`@app.task(..., max_deliveries=n)`); counts live as long as
-    task results. Eager runs (tests, `.apply()`) have no worker to lose and are not counted.
+    task results. Each run holds a lease (`workers.lease`): a copy delivered while another live
+    process holds it (the visibility timeout passed on a slow task) retries later instead of running
+    twice, and a copy delivered after the task succeeded returns that result. Eager runs (tests,
+    `.apply()`) have no worker to lose and are neither counted nor leased.
     """
 
     max_deliveries: int = 3
@@ -59,12 +64,21 @@ class DeliveryCappedTask(Task):
         if self.request.is_eager or task_id is None:
             return super().__call__(*args, **kwargs)
         client = self.backend.client
+        done = self.AsyncResult(task_id)
+        if done.state == "SUCCESS":  # a copy delivered after its run finished elsewhere
+            return done.result
+        lease = Lease(client, task_id)
+        if not lease.acquire():  # another live process is running it: look again later
+            wait = max(1.0, min(60.0, self.app.conf.broker_transport_options["visibility_timeout"] / 2))
+            log.info("task %s: still running on another worker, checking again in %.0f s", task_id, wait)
+            raise self.retry(countdown=wait, max_retries=self.request.retries + 1)
         try:
             count_delivery(client, task_id, self.max_deliveries, self.app.conf.result_expires)
         except redis.RedisError as exc:
             log.warning("task %s: delivery not counted (%s)", task_id, exc)
         try:
-            return super().__call__(*args, **kwargs)
+            with lease:
+                return super().__call__(*args, **kwargs)
         finally:
             try:
                 forget_delivery(client, task_id)

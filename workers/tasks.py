@@ -9,6 +9,8 @@ Retries with exponential backoff cover transient Redis trouble; bad input fails 
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from workers.celery import app
 from workers.config import ANSWER_TASK, INGEST_TASK, WorkerSettings, soft_limit
 from workers.deliveries import DeliveryCappedTask
 
+log = logging.getLogger(__name__)
 TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, IndexUnavailableError)
 PROGRESS = "PROGRESS"
 
@@ -51,6 +54,21 @@ def _task(name: str, time_limit: float) -> Any:
     )
 
 
+def read_allowed(path: str) -> str:
+    """A document named by path, only from under KVSTORE_FILES_ROOT: anyone who can reach the broker can
+    send a task, and must not make a worker read (or block on) an arbitrary file."""
+    root = os.environ.get("KVSTORE_FILES_ROOT")
+    if not root:
+        raise DocumentError("this worker reads no paths (set KVSTORE_FILES_ROOT to allow a folder): send the text")
+    base, target = Path(root).resolve(), Path(root, path).resolve()
+    if not target.is_relative_to(base):
+        raise DocumentError(f"{path}: outside the folder this worker may read ({base})")
+    try:
+        return read_document(target)
+    except OSError as exc:  # a path names a file on the worker's disk, which may not have it
+        raise DocumentError(f"{path}: cannot read it on this worker ({exc.strerror or exc})") from exc
+
+
 def _reporter(task: Task, source: str) -> Any:
     def report(stage: str, **meta: object) -> None:
         if task.request.id is not None and not task.request.is_eager:
@@ -72,11 +90,9 @@ def ingest_document(
     if text is None:
         if not path:
             raise DocumentError("ingest_document needs `text` or `path`")
-        try:
-            text = read_document(Path(path))
-        except OSError as exc:  # a path names a file on the worker's disk, which may not have it
-            raise DocumentError(f"{path}: cannot read it on this worker ({exc.strerror or exc})") from exc
+        text = read_allowed(path)
         source = source or path
+    log.info("ingesting %s (%d characters)", source or "text", len(text))
     report = _reporter(self, source)
     report("tokenizing", tokens=0, part=0, parts=0, done=0)
     kv = runtime.client()

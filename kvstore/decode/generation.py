@@ -223,6 +223,8 @@ def decode_rows(
 
     A caller may interleave several of these (the HTTP server advances one step of each batch in turn).
     """
+    if not questions or any(not isinstance(q, str) or not q.strip() for q in questions):
+        raise InputError("every question must be a non-empty string")
     frame = loaded.frame
     stop_ids = frame.stop_ids()
     question_ids = [frame.question_ids(q) for q in questions]

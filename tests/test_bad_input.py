@@ -1,0 +1,80 @@
+"""Every entry point refuses bad values with one line and a non-zero exit: no traceback, nothing stored."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+from kvstore import KVStore
+from kvstore.errors import InputError
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "docs" / "bakery.txt"
+
+
+def _special_files(tmp_path: Path) -> dict[str, Path]:
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero.txt"
+    zero.symlink_to("/dev/zero")
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 5000)
+    return {"fifo": fifo, "zero": zero, "big": big}
+
+
+CASES = [
+    (["ingest", ""], {}, "empty path"),
+    (["ingest", "{fifo}"], {}, "not a regular file"),
+    (["ingest", "{zero}"], {}, "not a regular file"),
+    (["ingest", "{big}"], {"KVSTORE_MAX_DOCUMENT_MB": "0.01"}, "25,000 bytes is over the"),
+    (["ingest", str(EXAMPLE), "--press", "kvzip:2"], {}, "bad ratio"),
+    (["ingest", str(EXAMPLE), "--ratio", "nan"], {}, "not in [0, 1)"),
+    (["submit", ""], {}, "empty path"),
+    (["ask", "deadbeefcafe", "   "], {}, "empty question"),
+    (["ask", "deadbeefcafe", "q", "--max-new-tokens", "0"], {}, "x<=4096"),
+    (["ask", "deadbeefcafe", "q", "--temperature", "nan"], {}, "not a finite number"),
+    (["ls", "-n", "0"], {}, "x>=1"),
+    (["gc", "--grace", "nan"], {}, "not a finite number"),
+    (["gc", "--grace", "-1"], {}, "x>=0"),
+    (["status", "job", "--timeout", "inf"], {}, "not a finite number"),
+    (["search", " "], {}, "empty search"),
+    (["eval", "--context-tokens", "nan"], {}, "finite numbers"),
+    (["bench", "--lengths", "0"], {}, "at least 1"),
+    (["serve", "--port", "70000"], {}, "65535"),
+    (["worker", "-Q", "bogus"], {}, "unknown queue"),
+    (["ls"], {"KVSTORE_DEVICE": "gpu9"}, "is not a device"),
+    (["ls"], {"KVSTORE_RATIO": "abc"}, "expected a number"),
+    (["ls"], {"KVSTORE_FORMAT": "tar"}, "unknown value 'tar'"),
+    (["ls"], {"KVSTORE_MAX_DOCUMENT_MB": "-1"}, "expected a size"),
+    (["ls", "--home", "/proc/kvstore-test/store"], {}, "/proc/kvstore-test"),
+]
+
+
+@pytest.mark.parametrize(("args", "env", "message"), CASES, ids=[" ".join(c[0]) + str(c[1]) for c in CASES])
+def test_bad_cli_input_is_one_clear_line(args, env, message, store_home: Path, tmp_path: Path) -> None:
+    files = _special_files(tmp_path)
+    args = [a.format(**files) for a in args]
+    result = CliRunner().invoke(main, args, env=env)
+    assert result.exit_code in (1, 2), result.output
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert not (store_home / "blobs").exists() or not any((store_home / "blobs").rglob("*.safetensors"))
+
+
+def test_a_password_in_the_redis_url_is_never_printed(store_home: Path) -> None:
+    result = CliRunner().invoke(main, ["ls", "--redis-url", "redis://:s3cret-pass@127.0.0.1:1/0"])
+    assert result.exit_code == 3 and "cannot reach Redis" in result.output
+    assert "s3cret-pass" not in result.output
+
+
+def test_the_client_refuses_bad_values_at_once(store_home: Path) -> None:
+    with pytest.raises(InputError, match="ratio"):
+        KVStore(ratio=1.5)
+    with pytest.raises(TypeError):
+        KVStore(no_such_setting=1)
+    with KVStore() as kv, pytest.raises(InputError, match="max_new_tokens"):
+        kv.ask("deadbeefcafe", "q", max_new_tokens=-3)
