@@ -7,7 +7,7 @@ from typing import Any, NoReturn
 
 import click
 
-from kvstore.errors import KVStoreError, NotFoundError, UnavailableError
+from kvstore.errors import KVStoreError, NotFoundError, UnavailableError, redact
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # bad input, nothing found, unusable data: nothing was stored or changed
@@ -27,10 +27,10 @@ Exit codes:
 
 
 class CommandError(click.ClickException):
-    """A one-line `Error: ...` with a chosen exit code."""
+    """A one-line `Error: ...` with a chosen exit code; passwords in quoted URLs are masked."""
 
     def __init__(self, message: str, exit_code: int = EXIT_ERROR):
-        super().__init__(message)
+        super().__init__(redact(message))
         self.exit_code = exit_code
 
 

@@ -54,7 +54,6 @@ def queue_app(settings: Settings, broker_url: str | None) -> Iterator[Celery]:
     import redis
 
     from kvstore.errors import import_extra
-    from kvstore.storage.index import redact
 
     kombu_exceptions = import_extra("kombu.exceptions", "workers")
     from workers.celery import close_app, create_app
@@ -62,10 +61,11 @@ def queue_app(settings: Settings, broker_url: str | None) -> Iterator[Celery]:
 
     app = create_app(settings, WorkerSettings(broker_url=broker_url) if broker_url else None)
     try:
+        app.backend.client.ping()  # fail now, in one line, rather than after Celery's reconnect loop
         yield app
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu_exceptions.OperationalError) as exc:
-        where = redact(broker_url or settings.redis_url or f"the embedded Redis in {settings.home}")
-        fail(f"cannot reach the broker at {where}: {redact(str(exc))}", EXIT_UNAVAILABLE)
+        where = broker_url or settings.redis_url or f"the embedded Redis in {settings.home}"
+        fail(f"cannot reach the broker at {where}: {exc}", EXIT_UNAVAILABLE)
     except redis.exceptions.AuthenticationError as exc:
         fail(f"the broker refused access: {exc}", EXIT_UNAVAILABLE)
     finally:

@@ -110,7 +110,7 @@ class Settings:
     """Where things live and which defaults apply; every field has an env var (see README)."""
 
     home: Path = field(default_factory=_env("home"))  # type: ignore[assignment]
-    redis_url: str | None = field(default_factory=_env("redis_url"))
+    redis_url: str | None = field(default_factory=_env("redis_url"), repr=False)  # it may hold a password
     model: str = field(default_factory=_env("model", DEFAULT_MODEL))
     press: str = field(default_factory=_env("press", "kvzip"))
     ratio: float = field(default_factory=_env("ratio", "0.75"))

@@ -3,6 +3,7 @@ exit code / status. Every library error derives from one of these; importing thi
 
 from __future__ import annotations
 
+import re
 from importlib import import_module
 
 
@@ -37,3 +38,12 @@ def import_extra(module: str, extra: str):  # noqa: ANN201 (returns the module)
         raise InputError(
             f"this needs {module.split('.')[0]}, part of the {extra!r} extra: pip install 'kvstore[{extra}]'"
         ) from exc
+
+
+_URL_PASSWORD = re.compile(r"(\w+://[^/\s:@]*:)[^@\s/]+@")
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|pass|pwd)=)[^&\s]+", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` (a URL, or a message quoting one) with every password in it masked."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))

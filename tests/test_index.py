@@ -171,3 +171,7 @@ def test_bad_url_scheme(tmp_path: Path) -> None:
 def test_redact() -> None:
     assert redact("rediss://user:pw@host:6380/1") == "rediss://user:***@host:6380/1"
     assert redact("redis://localhost:6379/0") == "redis://localhost:6379/0"
+    assert redact("redis://:pw@host/0") == "redis://:***@host/0"
+    assert redact("redis://host:6379/0?password=s3cret&db=1") == "redis://host:6379/0?password=***&db=1"
+    message = "Error connecting to redis://u:hunter2@10.0.0.1:6379. Connection refused; see unix:///s?password=x"
+    assert "hunter2" not in redact(message) and "password=x" not in redact(message)

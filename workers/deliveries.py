@@ -11,6 +11,7 @@ The bookkeeping is best effort: a Redis error there is logged, never made the ta
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -22,6 +23,7 @@ from workers.lease import Lease
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "kvstore:v1:deliveries:"
+DONE_PREFIX = "kvstore:v1:done:"
 
 
 class TooManyDeliveries(RuntimeError):
@@ -53,7 +55,9 @@ class DeliveryCappedTask(Task):
     `max_deliveries` is a task option (`@app.task(..., max_deliveries=n)`); counts live as long as
     task results. Each run holds a lease (`workers.lease`): a copy delivered while another live
     process holds it (the visibility timeout passed on a slow task) retries later instead of running
-    twice, and a copy delivered after the task succeeded returns that result. Eager runs (tests,
+    twice, and a copy delivered after the task succeeded returns that result, kept under
+    `kvstore:v1:done:<task id>` (Celery's own task state cannot say: the copy's retries overwrite
+    it with RETRY). Results are JSON, as the result serializer requires anyway. Eager runs (tests,
     `.apply()`) have no worker to lose and are neither counted nor leased.
     """
 
@@ -64,9 +68,9 @@ class DeliveryCappedTask(Task):
         if self.request.is_eager or task_id is None:
             return super().__call__(*args, **kwargs)
         client = self.backend.client
-        done = self.AsyncResult(task_id)
-        if done.state == "SUCCESS":  # a copy delivered after its run finished elsewhere
-            return done.result
+        done = client.get(DONE_PREFIX + task_id)
+        if done is not None:  # a copy delivered after its run finished elsewhere
+            return json.loads(done)
         lease = Lease(client, task_id)
         if not lease.acquire():  # another live process is running it: look again later
             wait = max(1.0, min(60.0, self.app.conf.broker_transport_options["visibility_timeout"] / 2))
@@ -78,7 +82,9 @@ class DeliveryCappedTask(Task):
             log.warning("task %s: delivery not counted (%s)", task_id, exc)
         try:
             with lease:
-                return super().__call__(*args, **kwargs)
+                result = super().__call__(*args, **kwargs)
+                client.set(DONE_PREFIX + task_id, json.dumps(result), ex=max(1, int(self.app.conf.result_expires)))
+                return result
         finally:
             try:
                 forget_delivery(client, task_id)

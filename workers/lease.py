@@ -6,7 +6,9 @@ worker's task is picked up in minutes, not after the longest task's time limit),
 then run twice. The lease tells the two apart: a process holds `kvstore:v1:lease:<task id>` while it
 runs the task and refreshes it every `ttl / 3` seconds from a daemon thread; it lapses `ttl` seconds
 after the process dies. A delivery that finds a live lease leaves the task to its holder and checks
-again later; one that finds none runs it.
+again later; one that finds none runs it. A run that ends leaves its lease to lapse a few seconds
+later rather than deleting it: Celery stores the result only after the run returns, and a copy
+arriving in between must still wait, then find that result.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "kvstore:v1:lease:"
 DEFAULT_TTL_S = 30.0
+LINGER_S = 10.0  # how long an ended run still holds its lease (result storing takes milliseconds)
 
 
 class Lease:
@@ -47,7 +50,7 @@ class Lease:
             try:  # extend only our own lease (a lapsed one may belong to a new run by now)
                 with self.client.pipeline() as pipe:
                     pipe.watch(self.key)
-                    if pipe.get(self.key) != self.owner:
+                    if not self._held(pipe.get(self.key)):
                         return
                     pipe.multi()
                     pipe.pexpire(self.key, self.ttl_ms)
@@ -55,13 +58,21 @@ class Lease:
             except redis.RedisError as exc:
                 log.warning("lease %s not refreshed (%s): it may lapse", self.key, exc)
 
-    def release(self) -> None:
+    def _held(self, value: bytes | str | None) -> bool:
+        """Whether a value read back is our owner tag (Celery's client returns bytes, ours str)."""
+        return (value.decode() if isinstance(value, bytes) else value) == self.owner
+
+    def release(self, linger_s: float = 0.0) -> None:
+        """Stop the heartbeat; free the lease now, or let it lapse after `linger_s` seconds."""
         self._stop.set()
         if self._beat is not None:
             self._beat.join(timeout=5)
         try:
-            if self.client.get(self.key) == self.owner:
-                self.client.delete(self.key)
+            if self._held(self.client.get(self.key)):
+                if linger_s > 0:
+                    self.client.pexpire(self.key, int(linger_s * 1000))
+                else:
+                    self.client.delete(self.key)
         except redis.RedisError as exc:
             log.warning("lease %s not released (%s): it will lapse", self.key, exc)
 
@@ -69,4 +80,4 @@ class Lease:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.release()
+        self.release(linger_s=LINGER_S)

@@ -35,7 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kvstore.client import KVStore
 from kvstore.config import Settings
 from kvstore.decode.generation import DEFAULT_MAX_NEW_TOKENS, Answer, GenerationOptions
-from kvstore.errors import InputError, KVStoreError, NotFoundError, UnavailableError
+from kvstore.errors import InputError, KVStoreError, NotFoundError, UnavailableError, redact
 from kvstore.server.engine import Engine, Job
 from kvstore.server.schemas import ChatRequest, IngestRequest
 from kvstore.storage.index import ContextRecord
@@ -53,9 +53,10 @@ class ServerSettings:
 
 
 class APIError(Exception):
-    """An error answered in the OpenAI shape."""
+    """An error answered in the OpenAI shape (passwords in quoted URLs masked)."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+        message = redact(message)
         super().__init__(message)
         self.status, self.message, self.kind, self.code = status, message, kind, code
 

@@ -40,11 +40,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 
-from kvstore.errors import UnavailableError
+from kvstore.errors import UnavailableError, redact
 
 KEY_PREFIX = "kvstore:v1:"
 EMBEDDED_DB = "index.db"
@@ -115,18 +115,6 @@ def lookup_key(document_sha256: str, model_fingerprint: str, press: dict[str, An
     """The dedupe key of a document under given settings (all parts of the document share it)."""
     canonical = json.dumps([document_sha256, model_fingerprint, press, quant], sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def redact(url: str) -> str:
-    """A Redis URL without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + host))
 
 
 @contextlib.contextmanager
