@@ -104,3 +104,29 @@ def test_kernel_names_resolve_per_device_and_match_the_settings() -> None:
     assert Settings(kernel="loop").kernel == "loop"
     with pytest.raises(SettingsError, match="KVSTORE_KERNEL"):
         Settings(kernel="tiled")
+
+
+@pytest.mark.model
+def test_greedy_answers_on_the_default_model_are_the_same_tokens_with_every_kernel(real_model) -> None:
+    from kvstore.compress import compress
+    from kvstore.decode.cache import CompressedCache
+    from kvstore.decode.generation import GenerationOptions, decode_tokens
+    from kvstore.presses import parse_press_spec
+
+    document = (
+        "The archive of the northern guild is kept in Tallinn. Its keeper, Mirja Saar, opens it on Tuesdays. "
+        "The guild's seal shows a heron holding a key, and its motto is 'patience builds ships'. " * 4
+    )
+    compressed = compress(real_model, document, parse_press_spec("kvzip", 0.75))
+    frame = real_model.frame
+    questions = [frame.question_ids(q) for q in ("Which city keeps the archive?", "What does the seal show?")]
+    options = GenerationOptions(max_new_tokens=16)
+    answers = {
+        name: torch.stack(
+            list(decode_tokens(real_model, CompressedCache(compressed, kernel=name), questions, {-1}, options))
+        )
+        for name in KERNELS
+    }
+    reference = answers.pop("loop")
+    for name, tokens in answers.items():
+        assert tokens.tolist() == reference.tolist(), name

@@ -18,53 +18,80 @@ import torch
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def choose_lse_op(device: torch.device, dtype: torch.dtype, key_dim: int, value_dim: int) -> str:
+def choose_lse_op(device: torch.device, dtype: torch.dtype, key_dim: int, value_dim: int, masked: bool = False) -> str:
     """Which op computes attention with log-sum-exp for tensors on `device` in `dtype`.
 
     "cpu_flash" (CPU, float32 / bfloat16 / float16), "cuda_flash" (CUDA, float16 / bfloat16, head
-    dim a multiple of 8 up to 256), "cuda_efficient" (CUDA otherwise: float32), "math" elsewhere
-    or when keys and values differ in width (the fused ops need one head size).
+    dim a multiple of 8 up to 256, no mask), "cuda_efficient" (CUDA otherwise: float32, or a
+    mask), "math" elsewhere or when keys and values differ in width (the fused ops need one head size).
     """
     if key_dim != value_dim:
         return "math"
     if device.type == "cpu" and dtype in (torch.float32, *FLASH_DTYPES):
         return "cpu_flash"
     if device.type == "cuda":
-        if dtype in FLASH_DTYPES and key_dim % 8 == 0 and key_dim <= 256:
+        if dtype in FLASH_DTYPES and key_dim % 8 == 0 and key_dim <= 256 and not masked:
             return "cuda_flash"
         return "cuda_efficient"
     return "math"
 
 
 def attention_with_lse_math(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, causal: bool = False
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference path: query [B, H, q, D], key/value [B, H, k, D] (same heads); causal needs q == k."""
+    """Reference path: query [B, H, q, D], key/value [B, H, k, D] (same heads); causal needs q == k.
+
+    `mask`: boolean, broadcastable to [B, H, q, k], True where a query may attend.
+    """
     logits = torch.matmul(query, key.transpose(-1, -2)).float() * scale
     if causal:
         logits = logits.masked_fill(torch.ones_like(logits, dtype=torch.bool).triu(1), float("-inf"))
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
     lse = logits.logsumexp(-1)
-    probs = logits.sub_(lse[..., None]).exp_().to(value.dtype)
+    probs = logits.sub_(lse[..., None]).exp_().nan_to_num_(0.0).to(value.dtype)  # rows that see nothing: 0
     return torch.matmul(probs, value), lse
 
 
-def _cpu_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool):
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return (
+        None
+        if mask is None
+        else torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
+    )
+
+
+def _cpu_flash(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, mask: torch.Tensor | None
+):
     output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, causal, attn_mask=None, scale=scale
+        q, k, v, 0.0, causal, attn_mask=_additive(mask, q.dtype), scale=scale
     )
     return output, lse
 
 
-def _cuda_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool):
+def _cuda_flash(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, mask: torch.Tensor | None
+):
     output, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(
         q, k, v, 0.0, causal, return_debug_mask=False, scale=scale
     )
     return output, lse
 
 
-def _cuda_efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool):
+def _cuda_efficient(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, mask: torch.Tensor | None
+):
+    bias = _additive(mask, q.dtype)
+    if bias is not None:
+        bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     output, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(
-        q, k, v, None, True, 0.0, causal, scale=scale
+        q, k, v, bias, True, 0.0, causal, scale=scale
     )
     return output, lse[..., : q.shape[-2]]  # rows are padded to the kernel's block size
 
@@ -79,10 +106,13 @@ def attention_with_lse(
     scale: float,
     causal: bool = False,
     op: str | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(output [B, Hq, q, D], logsumexp [B, Hq, q] float32); key/value [B, Hkv, k, D] with Hq % Hkv == 0.
 
-    `op` forces one of `choose_lse_op`'s answers (tests compare them where both run).
+    `mask` (boolean, broadcastable to [B, Hkv, G*q, k] in the folded layout, True = may attend):
+    a row that may attend to nothing gets output 0 and log-sum-exp -inf. `op` forces one of
+    `choose_lse_op`'s answers (tests compare them where both run).
     """
     batch, q_heads, q_len, dim = query.shape
     groups = q_heads // key.shape[1]
@@ -91,11 +121,13 @@ def attention_with_lse(
     kv_heads = key.shape[1]
     groups = q_heads // kv_heads
     folded = query.reshape(batch, kv_heads, groups * q_len, dim)
-    op = op or choose_lse_op(query.device, query.dtype, key.shape[-1], value.shape[-1])
+    op = op or choose_lse_op(query.device, query.dtype, key.shape[-1], value.shape[-1], mask is not None)
     if op == "math":
-        output, lse = attention_with_lse_math(folded, key, value, scale, causal)
+        output, lse = attention_with_lse_math(folded, key, value, scale, causal, mask)
     else:
-        output, lse = LSE_OPS[op](folded, key, value, scale, causal)
+        output, lse = LSE_OPS[op](folded, key, value, scale, causal, mask)
+        if mask is not None:  # fused ops leave a fully masked row's log-sum-exp finite
+            lse = lse.float().masked_fill(~mask.any(-1), float("-inf"))
     return output.reshape(batch, q_heads, q_len, -1), lse.float().reshape(batch, q_heads, q_len)
 
 

@@ -16,14 +16,12 @@ from kvstore.decode.kernels.suffix import suffix_attention, suffix_mask
 from kvstore.decode.prefix import RaggedPrefix
 
 
-def _merge(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _merge(prefix: tuple[torch.Tensor, torch.Tensor], suffix: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Attention over two disjoint key sets -> over their union; a part that saw nothing weighs zero."""
-    lse = torch.logaddexp(first[1], second[1])
-    output = 0
-    for part, part_lse in (first, second):
-        weight = (part_lse - lse).exp().nan_to_num_(0.0)[..., None]
-        output = output + torch.where(weight > 0, part * weight.to(part.dtype), 0)
-    return output
+    lse = torch.logaddexp(prefix[1], suffix[1])
+    prefix_weight = (prefix[1] - lse).exp_().nan_to_num_(0.0)[..., None].to(prefix[0].dtype)
+    suffix_weight = (suffix[1] - lse).exp_().nan_to_num_(0.0)[..., None].to(suffix[0].dtype)
+    return torch.addcmul(prefix[0] * prefix_weight, suffix[0], suffix_weight)
 
 
 def fused_attention(
@@ -45,8 +43,9 @@ def fused_attention(
         per_head = per_head.gather(2, prefix.key_channels[:, None, :].expand(-1, rows, -1))
     backend = backend or choose_prefix_op(query.device, query.dtype, per_head.shape[-1], dim)
     out, lse = PREFIX_OPS[backend](per_head, prefix, scaling)
-    empty = torch.tensor([n == 0 for n in prefix.lengths], device=lse.device)
-    lse = lse.masked_fill(empty[:, None], float("-inf"))
+    if 0 in prefix.lengths:  # a head that kept nothing weighs zero, whatever the backend left in its rows
+        empty = torch.tensor([n == 0 for n in prefix.lengths], device=lse.device)[:, None]
+        lse, out = lse.masked_fill(empty, float("-inf")), out.masked_fill(empty[..., None], 0.0)
     from_prefix = (
         out.reshape(kv_heads, batch, groups * q_len, dim).transpose(0, 1),
         lse.reshape(kv_heads, batch, groups * q_len).transpose(0, 1),

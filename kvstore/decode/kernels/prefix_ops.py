@@ -51,15 +51,17 @@ def choose_prefix_op(
 
 
 def _heads(query: torch.Tensor, prefix: RaggedPrefix, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    kv_heads, rows, _ = query.shape
-    output = query.new_zeros(kv_heads, rows, prefix.values.shape[-1])
-    lse = torch.full((kv_heads, rows), float("-inf"), device=query.device)
+    rows, width = query.shape[1], prefix.values.shape[-1]
+    outputs, lses = [], []
     for h, (keys, values) in enumerate(zip(prefix.head_keys, prefix.head_values, strict=True)):
-        if keys.shape[0] == 0:
-            continue  # nothing kept: weight zero in the merge (fused ops do not take empty keys)
+        if keys.shape[0] == 0:  # nothing kept: weight zero in the merge (fused ops do not take empty keys)
+            outputs.append(query.new_zeros(1, 1, rows, width))
+            lses.append(torch.full((1, 1, rows), float("-inf"), device=query.device))
+            continue
         out, head_lse = attention_with_lse(query[h][None, None], keys[None, None], values[None, None], scaling)
-        output[h], lse[h] = out[0, 0], head_lse[0, 0]
-    return output, lse
+        outputs.append(out)
+        lses.append(head_lse)
+    return torch.cat(outputs).reshape(-1, rows, width), torch.cat(lses).reshape(-1, rows)
 
 
 def _varlen(query: torch.Tensor, prefix: RaggedPrefix, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:

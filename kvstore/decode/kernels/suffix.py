@@ -1,13 +1,15 @@
 """The appended tokens' part of decode attention: their mask, and attention over them with log-sum-exp.
 
-The suffix (question and answer tokens, one row per batch question) is small and dense, so plain
-math serves every device; GQA folds each group's query heads into the query rows, so suffix keys
-are never copied per query head.
+The suffix (question and answer tokens, one row per batch question) is small and dense: one fused
+attention call with log-sum-exp over it (`kvstore.engine.lse`); GQA folds each group's query heads
+into the query rows, so suffix keys are never copied per query head.
 """
 
 from __future__ import annotations
 
 import torch
+
+from kvstore.engine.lse import attention_with_lse
 
 
 def suffix_mask(mask: torch.Tensor | None, q_len: int, s_len: int, device: torch.device) -> torch.Tensor:
@@ -33,8 +35,4 @@ def suffix_attention(
     """
     groups = grouped_query.shape[2] // mask.shape[2]
     allowed = mask[:, 0].repeat(1, groups, 1)[:, None]  # [B or 1, 1, G*q, S]
-    logits = torch.matmul(grouped_query, suffix_keys.transpose(-1, -2)).float() * scaling
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    lse = logits.logsumexp(-1)
-    probs = (logits - lse[..., None]).exp().nan_to_num_(0.0).to(suffix_values.dtype)
-    return torch.matmul(probs, suffix_values), lse
+    return attention_with_lse(grouped_query, suffix_keys, suffix_values, scaling, mask=allowed)
