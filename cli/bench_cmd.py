@@ -14,7 +14,7 @@ from rich.table import Table
 
 from cli.console import make_console
 from cli.eval_cmd import parse_numbers, parse_spec
-from cli.options import Finite, haystack_option, model_option, quiet_transformers, with_settings
+from cli.options import Finite, haystack_option, kernel_option, model_option, quiet_transformers, with_settings
 from kvstore.config import QUANT_BITS, Settings
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ THROUGHPUT_QUESTIONS = [
 
 @click.command("bench")
 @model_option
+@kernel_option
 @click.option(
     "--press", default="kvzip", show_default=True, callback=parse_spec, help="Press spec, e.g. kvzip+think:0.25."
 )
@@ -79,7 +80,7 @@ def bench(
 
     \b
     Example:
-        kvstore bench --lengths 1000,4000 --questions 1,8,32
+        kvstore bench --lengths 1000,4000 --questions 1,8,32 --kernel loop
     """
     from kvstore.decode.cache import CompressedCache
     from kvstore.engine.models import load_model
@@ -95,15 +96,18 @@ def bench(
         tempfile.TemporaryDirectory(prefix="kvstore-bench-") as home,
         ContextStore.open(Settings(home=Path(home), redis_url=None)) as store,
     ):
-        measure_length(loaded, store, filler(200, haystack, 99, count), press, ratio, quant, decode_tokens=4)
+        kernel = settings.kernel
+        measure_length(loaded, store, filler(200, haystack, 99, count), press, ratio, quant, kernel, decode_tokens=4)
         rows = []
         for length in lengths:
             console.print(f"measuring {int(length):,} tokens ...")
             rows.append(
-                measure_length(loaded, store, filler(int(length), haystack, int(length), count), press, ratio, quant)
+                measure_length(
+                    loaded, store, filler(int(length), haystack, int(length), count), press, ratio, quant, kernel
+                )
             )
         first = store.list()[-2]  # the first measured length (newest first; the warm-up is last)
-        cache = CompressedCache(store.load(first.id, loaded.fingerprint), device=loaded.device)
+        cache = CompressedCache(store.load(first.id, loaded.fingerprint), device=loaded.device, kernel=kernel)
         throughput = measure_throughput(loaded, cache, THROUGHPUT_QUESTIONS, [int(b) for b in batch_sizes])
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch_device_name(loaded.device)
@@ -115,6 +119,7 @@ def bench(
                 "press": press,
                 "ratio": ratio,
                 "quant": quant,
+                "kernel": cache.kernel,
                 "lengths": [r.to_dict() for r in rows],
                 "ask_many": [asdict(t) for t in throughput],
             },

@@ -18,6 +18,7 @@ from cli.options import (
     Finite,
     complete_context_ids,
     json_option,
+    kernel_option,
     model_option,
     print_json,
     ref_argument,
@@ -177,6 +178,7 @@ def _sources(kv: KVStore, ids: tuple[str, ...]) -> str:
 @click.option("--stop", multiple=True, help="End the answer before this string (repeatable).")
 @json_option
 @model_option
+@kernel_option
 @store_options
 @with_settings
 def ask(

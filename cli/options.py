@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from kvstore.config import BLOB_FORMATS, QUANT_BITS, Compression, Settings
+from kvstore.config import BLOB_FORMATS, DECODE_KERNELS, QUANT_BITS, Compression, Settings
 
 F = Callable[..., Any]
 _META_KEY = "kvstore.settings"
@@ -104,6 +104,16 @@ def model_option(func: F) -> F:
     """--model: which model loads (env: KVSTORE_MODEL)."""
     return _setting(
         "--model", "-m", name="model", help="Model: smollm2-135m (default), a local model dir or a cached HF id."
+    )(func)
+
+
+def kernel_option(func: F) -> F:
+    """--kernel: which decode kernel attends to stored contexts (env: KVSTORE_KERNEL)."""
+    return _setting(
+        "--kernel",
+        name="kernel",
+        type=click.Choice(DECODE_KERNELS),
+        help="Decode kernel: auto (default: the fastest measured on the device), loop (the reference), fused.",
     )(func)
 
 

@@ -8,7 +8,7 @@ import os
 import click
 
 from cli.errors import fail
-from cli.options import Finite, model_option, quiet_transformers, store_options, with_settings
+from cli.options import Finite, kernel_option, model_option, quiet_transformers, store_options, with_settings
 from kvstore.config import Settings
 
 
@@ -32,6 +32,7 @@ def _loopback(host: str) -> bool:
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 @model_option
+@kernel_option
 @store_options
 @with_settings
 def serve(

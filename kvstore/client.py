@@ -194,7 +194,9 @@ class KVStore:
             return self._contexts[record.id]
         loaded = self.model(record.model)
         compressed = self.store.load(record.id, model_fingerprint=loaded.fingerprint)
-        context = LoadedContext(record, loaded, CompressedCache(compressed, device=loaded.device))
+        context = LoadedContext(
+            record, loaded, CompressedCache(compressed, device=loaded.device, kernel=self.settings.kernel)
+        )
         self._contexts[record.id] = context
         while len(self._contexts) > self.max_contexts:
             self._contexts.popitem(last=False)
@@ -225,7 +227,9 @@ class KVStore:
         parts = [self.context(r) for r in records]
         loaded = parts[0].loaded
         composed = compose(loaded, [p.cache.compressed for p in parts], reserve)
-        context = LoadedContext(records[0], loaded, CompressedCache(composed, device=loaded.device), key)
+        context = LoadedContext(
+            records[0], loaded, CompressedCache(composed, device=loaded.device, kernel=self.settings.kernel), key
+        )
         self._compositions[key] = context
         while len(self._compositions) > max(1, self.max_contexts // 2):
             self._compositions.popitem(last=False)

@@ -20,6 +20,8 @@ from kvstore.errors import InputError
 DEFAULT_MODEL = "smollm2-135m"
 QUANT_BITS: dict[str, int | None] = {"none": None, "int8": 8, "int4": 4}
 BLOB_FORMATS = ("safetensors", "zarr")
+# Decode kernels by name (kvstore.decode.kernels registers them; a test checks the two agree).
+DECODE_KERNELS = ("auto", "loop", "fused")
 _DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
 ENV_VARS = {
     "home": "KVSTORE_HOME",
@@ -30,6 +32,7 @@ ENV_VARS = {
     "quant": "KVSTORE_QUANT",
     "blob_format": "KVSTORE_FORMAT",
     "device": "KVSTORE_DEVICE",
+    "kernel": "KVSTORE_KERNEL",
     "max_document_mb": "KVSTORE_MAX_DOCUMENT_MB",
 }
 
@@ -117,6 +120,7 @@ class Settings:
     quant: str = field(default_factory=_env("quant", "none"))
     blob_format: str = field(default_factory=_env("blob_format", "safetensors"))
     device: str = field(default_factory=_env("device", "auto"))
+    kernel: str = field(default_factory=_env("kernel", "auto"))  # decode kernel: auto = the best measured per device
     max_document_mb: float = field(default_factory=_env("max_document_mb", "50"))  # a document's size cap
 
     def __post_init__(self) -> None:
@@ -128,6 +132,7 @@ class Settings:
         object.__setattr__(self, "ratio", check_ratio(self.ratio))
         _check_choice("quant", self.quant, tuple(QUANT_BITS))
         _check_choice("blob_format", self.blob_format, BLOB_FORMATS)
+        _check_choice("kernel", self.kernel, DECODE_KERNELS)
         try:
             size = float(self.max_document_mb)
         except (TypeError, ValueError):

@@ -48,7 +48,9 @@ def test_ragged_equals_dense_masked_reference(seed: int) -> None:
     causal = torch.ones(q_len, s_len, dtype=torch.bool).tril(diagonal=s_len - q_len)
     mask = causal[None, None].repeat(batch, 1, 1, 1)
     mask[1, :, :, :2] = False
-    ours = ragged_attention(query, RaggedPrefix(prefix_keys, prefix_values), suffix_keys, suffix_values, mask, 0.25)
+    ours = ragged_attention(
+        query, RaggedPrefix.from_heads(prefix_keys, prefix_values), suffix_keys, suffix_values, mask, 0.25
+    )
     expected = _dense_reference(query, prefix_keys, prefix_values, suffix_keys, suffix_values, mask, 0.25)
     torch.testing.assert_close(ours.double(), expected, atol=1e-5, rtol=1e-5)
 
@@ -58,7 +60,7 @@ def test_ragged_query_blocks_give_the_same_result(monkeypatch: pytest.MonkeyPatc
     import kvstore.decode.kernels.loop as attention
 
     gen = torch.Generator().manual_seed(7)
-    prefix = RaggedPrefix(
+    prefix = RaggedPrefix.from_heads(
         [torch.randn(n, 8, generator=gen) for n in (5, 9)], [torch.randn(n, 8, generator=gen) for n in (5, 9)]
     )
     suffix_k, suffix_v = torch.randn(1, 2, 12, 8, generator=gen), torch.randn(1, 2, 12, 8, generator=gen)

@@ -127,7 +127,7 @@ def test_ragged_attention_with_pruned_channels_equals_zeroed_dense_reference(see
     query = torch.randn(batch, kv_heads * groups, q_len, dim, generator=gen)
     mask = torch.ones(q_len, s_len, dtype=torch.bool).tril(diagonal=s_len - q_len)[None, None].repeat(batch, 1, 1, 1)
     mask[1, :, :, :2] = False  # row 1 left-padded
-    prefix = RaggedPrefix(keys, values, channels)
+    prefix = RaggedPrefix.from_heads(keys, values, channels)
     ours = ragged_attention(query, prefix, suffix_keys, suffix_values, mask, 0.25)
     expected = _zeroed_reference(query, keys, values, channels, suffix_keys, suffix_values, mask, 0.25)
     torch.testing.assert_close(ours.double(), expected, atol=1e-5, rtol=1e-5)
@@ -136,8 +136,10 @@ def test_ragged_attention_with_pruned_channels_equals_zeroed_dense_reference(see
     full_keys = [torch.randn(n, dim, generator=gen) for n in lengths]
     everything = [torch.arange(dim)] * kv_heads  # keeping every channel is the unpruned attention
     torch.testing.assert_close(
-        ragged_attention(query, RaggedPrefix(full_keys, values, everything), suffix_keys, suffix_values, mask, 0.25),
-        ragged_attention(query, RaggedPrefix(full_keys, values), suffix_keys, suffix_values, mask, 0.25),
+        ragged_attention(
+            query, RaggedPrefix.from_heads(full_keys, values, everything), suffix_keys, suffix_values, mask, 0.25
+        ),
+        ragged_attention(query, RaggedPrefix.from_heads(full_keys, values), suffix_keys, suffix_values, mask, 0.25),
     )
 
 

@@ -1,9 +1,11 @@
 """`CompressedCache`: a transformers Cache over a compressed, per-head ragged prefix.
 
-Each layer keeps one tensor per KV head, exactly as long as that head's kept tokens (no padding:
-memory in use is what was stored), and appends question/answer tokens after it. New tokens take
-positions from the ORIGINAL context length. `reset()` drops the appended tokens in O(1), so every
-question starts from the same compressed prefix and no prefill is repeated.
+Each layer keeps its prefix packed exactly as stored (no padding: memory in use is what was kept)
+and appends question/answer tokens after it, into preallocated space that grows by doubling (no
+copy of the whole suffix per generated token). New tokens take positions from the ORIGINAL
+context length. `reset()` drops the appended tokens in O(1), so every question starts from the
+same compressed prefix and no prefill is repeated; `fork()` gives another batch its own suffix
+over the same prefix tensors.
 """
 
 from __future__ import annotations
@@ -11,14 +13,20 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvstore.decode.kernels import DEFAULT_KERNEL, Kernel, get_kernel
+from kvstore.decode.kernels import DEFAULT_KERNEL, Kernel, get_kernel, kernel_name
 from kvstore.decode.prefix import RaggedPrefix
 from kvstore.engine.attention import clear_pending, hand_over_prefix
 from kvstore.kv.compressed import CompressedKV
 
+# Suffix rows allocated at least, when nothing was reserved: a question plus a short answer.
+_MIN_SUFFIX_CAPACITY = 64
+
 
 class RaggedLayer(CacheLayerMixin):
-    """One layer: a fixed ragged prefix plus a growing dense suffix of shape [B, Hkv, S, D]."""
+    """One layer: a fixed ragged prefix plus a growing dense suffix of shape [B, Hkv, S, D].
+
+    `keys` / `values` are views of the first S rows of the suffix buffers (what attention sees).
+    """
 
     is_sliding = False
 
@@ -28,18 +36,36 @@ class RaggedLayer(CacheLayerMixin):
         self.original_length = original_length
         self.kernel = kernel
         self.is_initialized = True
+        self.reserved = 0  # suffix rows to allocate at the first update (0: a small default, doubled as needed)
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Nothing to allocate: the prefix exists from construction, the suffix grows by update."""
+        """Nothing to allocate: the prefix exists from construction, the suffix buffers at the first update."""
+
+    def _room_for(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Suffix buffers that hold the current rows plus these, reallocated (doubling) only when full."""
+        length, new = self.suffix_length, key_states.shape[-2]
+        if self._buffers is not None and length + new <= self._buffers[0].shape[-2]:
+            return self._buffers
+        held = 0 if self._buffers is None else self._buffers[0].shape[-2]
+        capacity = max(length + new, 2 * held, self.reserved, _MIN_SUFFIX_CAPACITY)
+        buffers = tuple(
+            states.new_empty(*states.shape[:-2], capacity, states.shape[-1]) for states in (key_states, value_states)
+        )
+        if length:
+            buffers[0][..., :length, :].copy_(self.keys)
+            buffers[1][..., :length, :].copy_(self.values)
+        self._buffers = buffers
+        return buffers
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys is None:
-            self.keys, self.values = key_states, value_states
-        else:
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
+        length, new = self.suffix_length, key_states.shape[-2]
+        key_buffer, value_buffer = self._room_for(key_states, value_states)
+        key_buffer[..., length : length + new, :].copy_(key_states)
+        value_buffer[..., length : length + new, :].copy_(value_states)
+        self.keys, self.values = key_buffer[..., : length + new, :], value_buffer[..., : length + new, :]
         hand_over_prefix(self.keys, self)
         return self.keys, self.values
 
@@ -69,21 +95,33 @@ class RaggedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        """Forget the appended tokens and free their buffers (memory back to what was kept)."""
         self.keys = self.values = None
+        self._buffers = None
+        self.reserved = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.keys is not None:
-            self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
-            self.values = self.values.index_select(0, beam_idx.to(self.values.device))
+        if self._buffers is not None:
+            index = beam_idx.to(self._buffers[0].device)
+            self._buffers = tuple(buffer.index_select(0, index) for buffer in self._buffers)
+            self.keys, self.values = (buffer[..., : self.suffix_length, :] for buffer in self._buffers)
+
+    def fork(self) -> RaggedLayer:
+        """The same prefix tensors (not copied) with an empty suffix of its own."""
+        return RaggedLayer(self.prefix, self.original_length, self.kernel)
 
     @property
     def nbytes(self) -> int:
-        suffix = 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
+        suffix = 0 if self._buffers is None else sum(b.numel() * b.element_size() for b in self._buffers)
         return self.prefix.nbytes + suffix
 
 
 class CompressedCache(Cache):
-    """Decode many questions against one compressed context; pass it as `cache=` to the model or `generate`."""
+    """Decode many questions against one compressed context; pass it as `cache=` to the model or `generate`.
+
+    `kernel` names the decode kernel ("auto": the best measured on the device; see
+    `kvstore.decode.kernels`).
+    """
 
     def __init__(
         self,
@@ -91,14 +129,17 @@ class CompressedCache(Cache):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         kernel: str = DEFAULT_KERNEL,
+        layers: list[RaggedLayer] | None = None,
     ):
-        attend = get_kernel(kernel)
-        layers = [
-            RaggedLayer(RaggedPrefix.from_layer(layer, dtype, device), compressed.original_length, attend)
-            for layer in compressed.layers
-        ]
+        if layers is None:
+            prefixes = [RaggedPrefix.from_layer(layer, dtype, device) for layer in compressed.layers]
+            on = prefixes[0].keys.device if prefixes else device
+            attend = get_kernel(kernel, on)
+            layers = [RaggedLayer(prefix, compressed.original_length, attend) for prefix in prefixes]
+            kernel = kernel_name(kernel, on)
         super().__init__(layers=layers)
         self.compressed = compressed
+        self.kernel = kernel  # the resolved kernel name
 
     @property
     def original_length(self) -> int:
@@ -106,8 +147,21 @@ class CompressedCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by this cache right now (the per-head prefix plus any appended tokens)."""
+        """Bytes held by this cache right now (the per-head prefix plus any appended tokens' buffers)."""
         return sum(layer.nbytes for layer in self.layers)
+
+    def reserve(self, tokens: int) -> None:
+        """Allocate room for `tokens` appended rows at the next update (the question plus its answer)."""
+        for layer in self.layers:
+            layer.reserved = max(layer.reserved, tokens)
+
+    def fork(self) -> CompressedCache:
+        """Another cache over the same prefix tensors (no copy) with its own, empty suffix.
+
+        Several question batches can then decode over one loaded context at the same time, each in
+        its own fork (one forward pass at a time per thread, as the attention hand-over requires).
+        """
+        return CompressedCache(self.compressed, kernel=self.kernel, layers=[layer.fork() for layer in self.layers])
 
     def reset(self) -> None:
         """Back to the compressed prefix: forget every appended token."""

@@ -179,6 +179,7 @@ def decode_tokens(
         generator.manual_seed(options.seed if options.seed is not None else torch.seed())
     history = input_ids
     cache.reset()
+    cache.reserve(input_ids.shape[1] + options.max_new_tokens)  # the suffix grows in place, never re-copied
     try:
         for _ in range(options.max_new_tokens):
             logits = (

@@ -25,6 +25,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from kvstore.errors import InputError
+
 ATTENTION_NAME = "kvstore"
 
 
@@ -55,6 +57,30 @@ class PrefixAttention(Protocol):
         suffix_mask: torch.Tensor | None,
         scaling: float,
     ) -> torch.Tensor: ...
+
+    def get_seq_length(self) -> int: ...
+
+
+class UnsupportedAttentionError(InputError):
+    """The model asks for an attention variant the ragged decode path cannot honour (named in the message)."""
+
+
+def check_ragged_kwargs(kwargs: dict[str, object], seq_length: int) -> None:
+    """Refuse what the ragged path would otherwise silently drop: logit softcapping, attention sinks,
+    and a sliding window that would cut keys off (a window at least as long as the sequence changes nothing)."""
+    if kwargs.get("softcap") is not None:
+        raise UnsupportedAttentionError(
+            f"this model caps attention logits (softcap={kwargs['softcap']}), which compressed decoding does not "
+            "support (supported families: README, 'Supported models')"
+        )
+    if kwargs.get("s_aux") is not None:
+        raise UnsupportedAttentionError("this model uses attention sinks, which compressed decoding does not support")
+    window = kwargs.get("sliding_window")
+    if window is not None and seq_length > int(window):
+        raise UnsupportedAttentionError(
+            f"this layer attends through a sliding window of {window} tokens, shorter than the {seq_length:,} "
+            "tokens of context and question: compressed decoding attends to every kept token and cannot honour it"
+        )
 
 
 _local = threading.local()
@@ -121,6 +147,7 @@ def kvstore_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+    check_ragged_kwargs(kwargs, prefix.get_seq_length())
     return prefix.attend(query, key, value, attention_mask, scale), None
 
 

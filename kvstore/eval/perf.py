@@ -96,6 +96,7 @@ def measure_length(
     press_spec: str,
     ratio: float,
     quant: str,
+    kernel: str = "auto",
     decode_tokens: int = 32,
 ) -> PerfRow:
     """Every stage once for one document (run a warm-up length first to exclude one-time costs)."""
@@ -107,9 +108,9 @@ def measure_length(
     packed, score_s = _timed(loaded, lambda: cut(run, press))
     meta = ContextMeta.for_model(loaded, press.params(), source="bench")
     (record, _), write_s = _timed(loaded, lambda: store.put(packed, meta, quant=quant))
-    full = CompressedCache(pack(run, run.keep_all()))
+    full = CompressedCache(pack(run, run.keep_all()), device=loaded.device, kernel=kernel)
     compressed, load_s = _timed(
-        loaded, lambda: CompressedCache(store.load(record.id, loaded.fingerprint), device=loaded.device)
+        loaded, lambda: CompressedCache(store.load(record.id, loaded.fingerprint), device=loaded.device, kernel=kernel)
     )
     _, first_stored = _timed(loaded, lambda: _first_token(loaded, compressed, question_ids))
     _, first_again = _timed(loaded, lambda: _reprefill_first_token(loaded, frame.context_ids(document), question_ids))

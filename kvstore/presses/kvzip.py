@@ -53,21 +53,26 @@ class ChunkObserver:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(output over all keys, log-sum-exp over the reduced set), for the cost of one pass over all keys.
 
-        Keys split into the reduced context keys (template prefix + chunk), the other context keys
-        (none when the chunk is the whole document) and the reconstruction tokens' own keys (causal);
-        the partial attentions merge by their log-sum-exps.
+        Keys split into contiguous slices (no gathered copy): the reduced context keys (template
+        prefix, chunk), the other context keys (before and after the chunk) and the reconstruction
+        tokens' own keys (causal); the partial attentions merge by their log-sum-exps.
         """
         p, t = self.prefix_length, self.context_length
+        spans = {
+            "prefix": (0, p),
+            "chunk": (self.chunk_start, self.chunk_stop),
+            "before": (p, self.chunk_start),
+            "after": (self.chunk_stop, t),
+        }
+        parts = {
+            name: attention_with_lse(query, keys[:, :, a:b], values[:, :, a:b], scaling)
+            for name, (a, b) in spans.items()
+            if b > a
+        }
         own = attention_with_lse(query, keys[:, :, t:], values[:, :, t:], scaling, causal=True)
-        if (self.chunk_start, self.chunk_stop) == (p, t):
-            output, lse = merge_attention(attention_with_lse(query, keys[:, :, :t], values[:, :, :t], scaling), own)
-            return output, lse
-        columns = torch.arange(t, device=keys.device)
-        in_chunk = (columns < p) | ((columns >= self.chunk_start) & (columns < self.chunk_stop))
-        chunk, others = columns[in_chunk], columns[~in_chunk]
-        reduced = merge_attention(attention_with_lse(query, keys[:, :, chunk], values[:, :, chunk], scaling), own)
-        rest = attention_with_lse(query, keys[:, :, others], values[:, :, others], scaling)
-        return merge_attention(reduced, rest)[0], reduced[1]
+        reduced = merge_attention(own, *(parts[n] for n in ("prefix", "chunk") if n in parts))
+        rest = [parts[n] for n in ("before", "after") if n in parts]
+        return (merge_attention(reduced, *rest)[0] if rest else reduced[0]), reduced[1]
 
     def observe(
         self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
@@ -75,11 +80,9 @@ class ChunkObserver:
         model_dtype = query.dtype
         if self.dtype is not None:
             query, key, value = query.to(self.dtype), key.to(self.dtype), value.to(self.dtype)
-        _, q_heads, n_recon, dim = query.shape
+        dim = query.shape[-1]
         kv_heads = key.shape[1]
-        groups = q_heads // kv_heads
-        keys, values = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-        output, lse = self._attend(query, keys, values, scaling)
+        output, lse = self._attend(query, key, value, scaling)  # GQA without copying keys per query head
         # [Hkv, G*R, D + 1] rows of (q * scale, -lse) against [Hkv, C, D + 1] columns of (k, 1)
         rows = torch.cat([query[0].float() * scaling, -lse[0, :, :, None]], dim=-1).reshape(kv_heads, -1, dim + 1)
         chunk_keys = key[0, :, self.chunk_start : self.chunk_stop].float()

@@ -8,20 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from kvstore.decode.kernels.suffix import suffix_mask
 from kvstore.decode.prefix import RaggedPrefix
 
 # Bound on the score matrix elements materialised at once when attending to a prefix.
 _MAX_SCORE_ELEMENTS = 1 << 26
-
-
-def _suffix_mask(mask: torch.Tensor | None, q_len: int, s_len: int, device: torch.device) -> torch.Tensor:
-    """Boolean [B or 1, 1, q, S] mask over the appended tokens (causal when transformers gave none)."""
-    if mask is None:
-        rows = torch.arange(q_len, device=device)[:, None] + (s_len - q_len)
-        return (torch.arange(s_len, device=device)[None, :] <= rows)[None, None]
-    if mask.dtype != torch.bool:  # additive float mask
-        mask = mask == 0
-    return mask[..., -s_len:]
 
 
 def _attend_one_head(
@@ -30,7 +21,7 @@ def _attend_one_head(
     prefix_values: torch.Tensor,
     suffix_keys: torch.Tensor,
     suffix_values: torch.Tensor,
-    suffix_mask: torch.Tensor,
+    allowed: torch.Tensor,
     scaling: float,
     key_channels: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -38,7 +29,7 @@ def _attend_one_head(
     prefix_query = query if key_channels is None else query.index_select(-1, key_channels)
     prefix_scores = torch.matmul(prefix_query, prefix_keys.T) * scaling  # prefix broadcast over the batch
     suffix_scores = torch.matmul(query, suffix_keys.transpose(-1, -2)) * scaling
-    suffix_scores = suffix_scores.masked_fill(~suffix_mask, float("-inf"))
+    suffix_scores = suffix_scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(torch.cat([prefix_scores, suffix_scores], dim=-1), dim=-1, dtype=torch.float32)
     probs = probs.to(query.dtype)
     kept = prefix_keys.shape[0]
@@ -50,7 +41,7 @@ def ragged_attention(
     prefix: RaggedPrefix,
     suffix_keys: torch.Tensor,
     suffix_values: torch.Tensor,
-    suffix_mask: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
     scaling: float,
 ) -> torch.Tensor:
     """Attend to [own prefix ; suffix] under one softmax per KV head; returns [B, q, Hq, D].
@@ -61,8 +52,8 @@ def ragged_attention(
     batch, q_heads, q_len, dim = query.shape
     kv_heads, s_len = suffix_keys.shape[1], suffix_keys.shape[2]
     groups = q_heads // kv_heads
-    mask = _suffix_mask(suffix_mask, q_len, s_len, query.device)
-    longest = max(k.shape[0] for k in prefix.keys)
+    mask = suffix_mask(attention_mask, q_len, s_len, query.device)
+    longest = max(prefix.lengths, default=0)
     rows_per_step = max(1, _MAX_SCORE_ELEMENTS // max(1, batch * groups * (longest + s_len)))
     blocks = []
     for start in range(0, q_len, rows_per_step):
@@ -73,8 +64,8 @@ def ragged_attention(
         heads = [
             _attend_one_head(
                 q_block[:, h],
-                prefix.keys[h],
-                prefix.values[h],
+                prefix.head_keys[h],
+                prefix.head_values[h],
                 suffix_keys[:, h],
                 suffix_values[:, h],
                 block_mask,
