@@ -130,3 +130,19 @@ def test_greedy_answers_on_the_default_model_are_the_same_tokens_with_every_kern
     reference = answers.pop("loop")
     for name, tokens in answers.items():
         assert tokens.tolist() == reference.tolist(), name
+
+
+@pytest.mark.parametrize("chosen", ["loop", "fused"])
+def test_the_client_decodes_through_the_kernel_its_settings_name(chosen: str, store_home, monkeypatch) -> None:
+    from kvstore import KVStore
+    from tests.tiny import sample_text, tiny_model
+
+    monkeypatch.setenv("KVSTORE_KERNEL", chosen)
+    loaded = tiny_model("llama")
+    with KVStore(model=loaded.name, ratio=0.5) as kv:
+        kv._models[loaded.name] = loaded  # an in-memory test model instead of a download
+        [part] = kv.ingest_text(sample_text(120), source="note")
+        context = kv.context(part.record.id)
+        assert context.cache.kernel == chosen
+        assert context.cache.layers[0].kernel is KERNELS[chosen]
+        assert kv.ask(part.record.id, "the vault", max_new_tokens=3).completion_tokens >= 1
