@@ -71,10 +71,13 @@ def list_contexts(limit: int, as_json: bool, settings: Settings) -> None:
         kvstore ls -n 20
         kvstore ls --json | jq '.[].id'
     """
+    from kvstore.refs import incomplete_ids
+
     with open_store(settings) as store:
         records = store.list(limit)
+        incomplete = incomplete_ids(store.list())
     if as_json:
-        print_json([asdict(r) for r in records])
+        print_json([{**asdict(r), "incomplete": r.id in incomplete} for r in records])
         return
     table = Table(title=f"{len(records)} contexts")
     for column in ("id", "source", "part", "tokens", "press", "removed", "quant", "size", "created"):
@@ -83,7 +86,7 @@ def list_contexts(limit: int, as_json: bool, settings: Settings) -> None:
         table.add_row(
             r.id[:12],
             _short(r.source) or "-",
-            f"{r.part + 1}/{r.parts}",
+            f"{r.part + 1}/{r.parts}" + (" [red]incomplete[/]" if r.id in incomplete else ""),
             f"{r.original_length:,}",
             r.press.get("press", "?"),
             f"{r.ratio_achieved:.0%}",

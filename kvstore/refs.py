@@ -55,6 +55,18 @@ def stored_versions(store: ContextStore, text: str) -> list[StoredDocument]:
     return sorted(versions, key=lambda v: -v.newest)
 
 
+def incomplete_ids(records: list[ContextRecord]) -> set[str]:
+    """Ids of the records (among `records`, the whole store's) whose document is missing parts.
+
+    An ingest killed between parts leaves such a group; `ls` marks it and asking by path refuses it.
+    """
+    groups: dict[tuple[str, str, str, str], list[ContextRecord]] = {}
+    for record in records:
+        groups.setdefault((record.document_sha256, *_settings_key(record)), []).append(record)
+    versions = (StoredDocument(group) for group in groups.values())
+    return {r.id for version in versions if not version.complete for r in version.records}
+
+
 Preference = Callable[[ContextRecord], bool]
 
 

@@ -159,6 +159,22 @@ def test_parts_of_a_document_and_listing(store: ContextStore) -> None:
     assert stats.stored_bytes == sum(r.bytes for r in records) and 0 < stats.saving < 1
 
 
+def test_a_document_missing_parts_is_marked_and_refused_by_path(store: ContextStore) -> None:
+    """An ingest killed after part 1 of 3: the parts that did commit are flagged, never answered as the whole."""
+    from kvstore.errors import InputError
+    from kvstore.refs import StoredDocument, incomplete_ids, pick_version
+
+    whole = [store.put(random_compressed(seed=p), make_meta(document_id="whole", part=p, parts=2))[0] for p in (0, 1)]
+    cut = store.put(
+        random_compressed(seed=7),
+        make_meta(document_id="cut", document_sha256=document_sha256("another text"), part=0, parts=3),
+    )[0]
+    assert incomplete_ids(store.list()) == {cut.id}
+    with pytest.raises(InputError, match="1 of 3 parts"):
+        pick_version([StoredDocument([cut])], "cut.md")
+    assert pick_version([StoredDocument(whole)], "whole.md").records == whole
+
+
 def test_delete(store: ContextStore) -> None:
     record, _ = store.put(random_compressed(), make_meta())
     assert store.delete(record.id)
