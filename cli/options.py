@@ -113,7 +113,7 @@ def kernel_option(func: F) -> F:
         "--kernel",
         name="kernel",
         type=click.Choice(DECODE_KERNELS),
-        help="Decode kernel: auto (default: the fastest measured on the device), loop (the reference), fused.",
+        help="Decode kernel: auto (default: per call, the one measured faster there), loop (the reference), fused.",
     )(func)
 
 

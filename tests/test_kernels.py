@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvstore.config import DECODE_KERNELS, Settings, SettingsError
-from kvstore.decode.kernels import AUTO, KERNELS, get_kernel, kernel_name
+from kvstore.decode.kernels import AUTO, KERNELS, auto_attention, choose_kernel, get_kernel
 from kvstore.decode.kernels.fused import fused_attention
 from kvstore.decode.kernels.loop import ragged_attention
 from kvstore.decode.kernels.prefix_ops import choose_prefix_op
@@ -55,7 +55,7 @@ def test_every_registered_kernel_equals_reference_with_transformers_mask_forms()
     """None (causal implied) and an additive float mask give what the boolean mask gives."""
     query, prefix, suffix_keys, suffix_values, mask = _case(4, 8, 3, None, seed=9)
     additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
-    for name, kernel in KERNELS.items():
+    for name, kernel in (*KERNELS.items(), (AUTO, auto_attention)):
         for given in (mask, additive):
             torch.testing.assert_close(
                 kernel(query, prefix, suffix_keys, suffix_values, given, 0.25),
@@ -93,14 +93,18 @@ def test_prefix_op_selection_by_device_dtype_and_widths() -> None:
         assert choose_prefix_op(device, torch.bfloat16, 128, 128, has_varlen=True) == "heads"
 
 
-def test_kernel_names_resolve_per_device_and_match_the_settings() -> None:
+def test_auto_picks_per_device_and_shape_and_names_match_the_settings() -> None:
     assert set(DECODE_KERNELS) == {AUTO, *KERNELS}
-    assert kernel_name(AUTO, "cuda") == "fused"
-    assert kernel_name(AUTO, torch.device("cuda:1")) == "fused"
-    assert kernel_name("loop", "cuda") == "loop"
-    assert get_kernel(AUTO, "cpu") in KERNELS.values()
+    cuda, cpu = torch.device("cuda:1"), torch.device("cpu")
+    assert choose_kernel(cuda, 3) == choose_kernel(cuda, 256) == "fused"
+    assert choose_kernel(cpu, 3) == "loop"  # one question on CPU: the loop's matmuls use every core
+    assert choose_kernel(cpu, 32) == "fused"  # a batch, or the question's own tokens
+    assert get_kernel(AUTO) is auto_attention and get_kernel("loop") is KERNELS["loop"]
+    for groups, batch in ((1, 1), (8, 8)):
+        case = _case(groups, batch, 1, None, seed=5)
+        torch.testing.assert_close(auto_attention(*case, 0.3), ragged_attention(*case, 0.3), atol=2e-6, rtol=2e-5)
     with pytest.raises(InputError, match="unknown decode kernel 'tiled'"):
-        kernel_name("tiled", "cpu")
+        get_kernel("tiled")
     assert Settings(kernel="loop").kernel == "loop"
     with pytest.raises(SettingsError, match="KVSTORE_KERNEL"):
         Settings(kernel="tiled")
@@ -125,7 +129,7 @@ def test_greedy_answers_on_the_default_model_are_the_same_tokens_with_every_kern
         name: torch.stack(
             list(decode_tokens(real_model, CompressedCache(compressed, kernel=name), questions, {-1}, options))
         )
-        for name in KERNELS
+        for name in (*KERNELS, AUTO)
     }
     reference = answers.pop("loop")
     for name, tokens in answers.items():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvstore.decode.kernels import DEFAULT_KERNEL, Kernel, get_kernel, kernel_name
+from kvstore.decode.kernels import DEFAULT_KERNEL, Kernel, get_kernel
 from kvstore.decode.prefix import RaggedPrefix
 from kvstore.engine.attention import clear_pending, hand_over_prefix
 from kvstore.kv.compressed import CompressedKV
@@ -119,8 +119,8 @@ class RaggedLayer(CacheLayerMixin):
 class CompressedCache(Cache):
     """Decode many questions against one compressed context; pass it as `cache=` to the model or `generate`.
 
-    `kernel` names the decode kernel ("auto": the best measured on the device; see
-    `kvstore.decode.kernels`).
+    `kernel` names the decode kernel ("auto": per call, the one measured faster for that shape on
+    that device; see `kvstore.decode.kernels`).
     """
 
     def __init__(
@@ -132,14 +132,14 @@ class CompressedCache(Cache):
         layers: list[RaggedLayer] | None = None,
     ):
         if layers is None:
-            prefixes = [RaggedPrefix.from_layer(layer, dtype, device) for layer in compressed.layers]
-            on = prefixes[0].keys.device if prefixes else device
-            attend = get_kernel(kernel, on)
-            layers = [RaggedLayer(prefix, compressed.original_length, attend) for prefix in prefixes]
-            kernel = kernel_name(kernel, on)
+            attend = get_kernel(kernel)
+            layers = [
+                RaggedLayer(RaggedPrefix.from_layer(layer, dtype, device), compressed.original_length, attend)
+                for layer in compressed.layers
+            ]
         super().__init__(layers=layers)
         self.compressed = compressed
-        self.kernel = kernel  # the resolved kernel name
+        self.kernel = kernel
 
     @property
     def original_length(self) -> int:

@@ -3,8 +3,9 @@
 A kernel is a function `(query, prefix, suffix_keys, suffix_values, attention_mask, scaling) -> output`
 (shapes in `kvstore.decode.kernels.loop.ragged_attention`), chosen by name: "loop" (the reference,
 one small attention per KV head), "fused" (the layer's prefix in one varlen call on CUDA, plus
-one call for the suffix) or "auto", the one measured best on the device (docs/BENCHMARKS.md).
-Adding one is one new module plus one line here (and its name in `kvstore.config.DECODE_KERNELS`).
+one call for the suffix) or "auto", which picks one of them per call by what measured faster
+(`choose_kernel`). Adding one is one new module plus one line here (and its name in
+`kvstore.config.DECODE_KERNELS`).
 """
 
 from __future__ import annotations
@@ -23,18 +24,37 @@ Kernel = Callable[[torch.Tensor, RaggedPrefix, torch.Tensor, torch.Tensor, torch
 KERNELS: dict[str, Kernel] = {"loop": ragged_attention, "fused": fused_attention}
 AUTO = "auto"
 DEFAULT_KERNEL = AUTO
-# What "auto" picks per device type: fused ops where they exist on the device, else the loop.
-AUTO_KERNELS = {"cuda": "fused", "cpu": "fused"}
+# On CPU the fused kernel's per-head op runs a head's few query rows on one core, where the loop's
+# matmuls use every core: with fewer rows per KV head than this (one question decoding) the loop
+# measured faster on CPU, with more (batches, the question's own step) the fused kernel
+# (docs/BENCHMARKS.md, decode kernels).
+CPU_FUSED_MIN_ROWS = 8
 
 
-def kernel_name(name: str, device: torch.device | str | None) -> str:
-    """The kernel `name` stands for on `device` ("auto" resolves per device; others stay themselves)."""
-    if name != AUTO:
-        if name not in KERNELS:
-            raise InputError(f"unknown decode kernel {name!r}: choose one of {', '.join([AUTO, *KERNELS])}")
-        return name
-    return AUTO_KERNELS.get(torch.device(device or "cpu").type, "loop")
+def choose_kernel(device: torch.device, rows_per_kv_head: int) -> str:
+    """What "auto" runs for `rows_per_kv_head` query rows (batch x GQA group x new tokens) on `device`."""
+    if device.type == "cpu" and rows_per_kv_head < CPU_FUSED_MIN_ROWS:
+        return "loop"
+    return "fused"
 
 
-def get_kernel(name: str, device: torch.device | str | None = None) -> Kernel:
-    return KERNELS[kernel_name(name, device)]
+def auto_attention(
+    query: torch.Tensor,
+    prefix: RaggedPrefix,
+    suffix_keys: torch.Tensor,
+    suffix_values: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """The kernel `choose_kernel` picks for this call's shape and device."""
+    batch, q_heads, q_len, _ = query.shape
+    chosen = choose_kernel(query.device, batch * (q_heads // prefix.kv_heads) * q_len)
+    return KERNELS[chosen](query, prefix, suffix_keys, suffix_values, attention_mask, scaling)
+
+
+def get_kernel(name: str) -> Kernel:
+    if name == AUTO:
+        return auto_attention
+    if name not in KERNELS:
+        raise InputError(f"unknown decode kernel {name!r}: choose one of {', '.join([AUTO, *KERNELS])}")
+    return KERNELS[name]
