@@ -153,7 +153,8 @@ def run_length(loaded: LoadedModel, tokens: int, batches: list[int], steps: int)
     heads = loaded.model.config.num_attention_heads
     compressed = CompressedCache(packed, device=device)
     row["fused_backend_ms"] = {f"batch {b}": backend_ms(compressed, b, heads) for b in batches}
-    row["backend_chosen"] = choose_prefix_op(device, compressed.layers[0].prefix.values.dtype, 128, 128)
+    first = compressed.layers[0].prefix
+    row["backend_chosen"] = choose_prefix_op(device, first.values.dtype, first.keys.shape[-1], first.values.shape[-1])
     return row
 
 

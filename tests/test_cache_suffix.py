@@ -76,3 +76,11 @@ def test_a_model_with_a_short_sliding_window_is_refused_at_decode() -> None:
         layer.self_attn.sliding_window = 16
     with pytest.raises(UnsupportedAttentionError, match="sliding window of 16"):
         answer_many(loaded, CompressedCache(compressed), ["the vault"], GenerationOptions(max_new_tokens=2))
+
+
+def test_memory_in_use_is_what_was_kept() -> None:
+    compressed = random_compressed(layers=2, kv_heads=3, head_dim=8)
+    cache = CompressedCache(compressed)
+    held = sum(layer.prefix.keys.numel() + layer.prefix.values.numel() for layer in cache.layers)
+    assert held == compressed.kept_elements  # no padding of the stored prefix
+    assert cache.layers[0].prefix.keys.data_ptr() == compressed.layers[0].keys.data_ptr()  # not even a copy
