@@ -25,7 +25,9 @@ def stored_ids() -> list[str]:
 
 
 def blob_files(home: Path) -> list[Path]:
-    return [p for p in (home / "blobs").rglob("*") if p.is_file()] if (home / "blobs").exists() else []
+    """Files in the blob shards (the store's identity file, store.json, is no blob)."""
+    blobs = home / "blobs"
+    return [p for p in blobs.rglob("*") if p.is_file() and p.parent != blobs] if blobs.exists() else []
 
 
 @pytest.mark.model
