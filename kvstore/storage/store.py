@@ -273,7 +273,7 @@ class ContextStore:
         with lease:
             existing = self.index.get(cid)
             if existing is not None:
-                if self.intact(existing):
+                if self.intact(existing, full=True):
                     return existing, False
                 self.index.delete(cid, if_created=existing.created)  # its blob is gone or damaged: repair
                 self._remove_blob(existing)
