@@ -75,10 +75,14 @@ class MotoServer:
 
 
 class Proxy:
-    """A TCP relay 127.0.0.1:port -> target port that can be cut and resumed."""
+    """A TCP relay 127.0.0.1:port -> target port that can be cut and resumed.
+
+    Setting `budget` cuts it once that many more bytes went from the client to the server (mid-upload).
+    """
 
     def __init__(self, target_port: int):
         self.target_port = target_port
+        self.budget: int | None = None
         self.port = free_port()
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -120,13 +124,18 @@ class Proxy:
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             with self._lock:
                 self._open += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, upload in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, upload), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, upload: bool) -> None:
         try:
             while data := source.recv(65536):
+                if upload and self.budget is not None:
+                    self.budget -= len(data)
+                    if self.budget <= 0:
+                        self.budget = None
+                        self.cut()
+                        return
                 sink.sendall(data)
         except OSError:
             pass
