@@ -151,3 +151,13 @@ def test_a_worker_host_ingests_and_a_client_host_answers_sharing_only_two_urls(
         assert json.loads(expected.stdout)[0]["answer"] == answers[0]["answer"]
     finally:
         redis_server.stop()
+
+
+@pytest.mark.parametrize("bad", ["ftp://host/x", "s3://", "s3:///prefix", "gs://bucket"])
+def test_a_blobs_url_kvstore_cannot_use_is_refused_where_it_enters(bad: str) -> None:
+    from kvstore.config import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match="KVSTORE_BLOBS"):
+        Settings(blobs=bad)
+    assert Settings(blobs="s3://bucket/some/prefix").blobs == "s3://bucket/some/prefix"
+    assert Settings(blobs="").blobs is None
