@@ -8,7 +8,6 @@ never removes a blob or a temp file a live writer holds. Workers hold one per ru
 (`workers.lease`).
 """
 
-
 from __future__ import annotations
 
 import logging
