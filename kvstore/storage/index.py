@@ -88,7 +88,7 @@ class ContextRecord:
     press: dict[str, Any]
     quant: str
     blob_format: str
-    blob: str  # blob location relative to the store home
+    blob: str  # where the blob is, for people (a path or s3:// URL); never read back: ids name blobs
     bytes: int  # bytes on disk
     full_bytes: int  # bytes a full, unquantized cache of this context takes
     dtype: str
