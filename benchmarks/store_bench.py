@@ -1,15 +1,19 @@
-"""Store benchmark: bytes per context token, and loading a stored context vs prefilling it again.
+"""Store benchmark: bytes per context token, loading a stored context vs prefilling it again, and
+writing / loading through each blob backend (local folder vs an S3 object store on localhost).
 
 Why: the store only pays off if a stored context is much smaller than a plain prefix cache and
-much faster to bring back than recomputing it. This prints both, for the real default model, as
-markdown tables (same process, same model, same thread count for every timing; page cache warm).
+much faster to bring back than recomputing it; blobs in an object store let workers on many hosts
+share them, at a cost per blob that `--backends` measures. Prints markdown tables (same process,
+same model, same thread count for every timing; page cache warm; backends interleaved per repeat).
 
     python benchmarks/store_bench.py [--tokens 4000] [--haystack DIR] [--threads N]
+    PYTHONPATH=. python benchmarks/store_bench.py --backends [--backend-tokens 1000,4000]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -25,6 +29,8 @@ from kvstore.engine.models import load_model
 from kvstore.eval.haystack import filler, tokenizer_counter
 from kvstore.presses import make_press
 from kvstore.presses.base import prefill_context
+from kvstore.storage.backends import open_backend
+from kvstore.storage.index import ContextIndex
 from kvstore.storage.store import ContextMeta, ContextStore, document_sha256
 
 DEFAULT_HAYSTACK = Path("/work/shared/data/haystack")
@@ -50,9 +56,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed loads per stored variant (median)")
     parser.add_argument("--prefill-repeats", type=int, default=2, help="timed prefills (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--backends", action="store_true", help="time writes and loads per backend instead")
+    parser.add_argument("--backend-tokens", default="1000,4000", help="document lengths for --backends")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.backends:
+        backends_main(args)
+        return
 
     start = time.perf_counter()
     loaded = load_model(args.model)
@@ -110,6 +121,67 @@ def main() -> None:
     for quant, blob_format, _, load_s in rows:
         label = f"load {names[quant]} ({blob_format}) -> CompressedCache"
         print(f"| {label} | {load_s:.4f} | {prefill_s / load_s:.0f}x faster |")
+
+
+def backends_main(args: argparse.Namespace) -> None:
+    """Write and load time per context, local folder vs S3 (a moto server on 127.0.0.1), per format."""
+    from tests.s3 import MotoServer  # a real S3-protocol server, as the tests use
+
+    loaded = load_model(args.model)
+    folder = args.haystack if args.haystack.is_dir() else None
+    # StreamingLLM at the same ratio keeps as many pairs as KVzip (same blob size) without the scoring pass.
+    press = make_press("streaming", args.ratio)
+    server = MotoServer()
+    os.environ.update(server.env())
+    print(f"model {loaded.name}, {torch.get_num_threads()} CPU threads, {args.repeats} repeats (median), "
+          f"press streaming {args.ratio} (blob size as KVzip {args.ratio}), S3: moto on 127.0.0.1\n")  # fmt: skip
+    print(
+        "| tokens | format | blob | objects | local write | S3 write | local load | S3 load | S3 extra (write / load) |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for tokens in [int(n) for n in args.backend_tokens.split(",")]:
+                text = filler(tokens, folder, count_tokens=tokenizer_counter(loaded.tokenizer))
+                compressed = compress(loaded, text, press)
+                sha = document_sha256(text)
+                meta = ContextMeta.for_model(loaded, press.params(), source="haystack", document_sha256=sha)
+                for blob_format in ("safetensors", "zarr"):
+                    home = Path(tmp) / f"{tokens}-{blob_format}"
+                    stores = {
+                        "local": ContextStore(home, ContextIndex.open(None, home, "local:v1:")),
+                        "s3": ContextStore(
+                            home,
+                            ContextIndex.open(None, home, "s3:v1:"),
+                            backend=open_backend(f"s3://{server.bucket()}/bench", home),
+                        ),
+                    }
+                    times = {(b, op): [] for b in stores for op in ("write", "load")}
+                    for _ in range(args.repeats + 1):  # the first round warms up and is dropped
+                        for name, store in stores.items():
+                            start = time.perf_counter()
+                            record, _ = store.put(compressed, meta, blob_format=blob_format)
+                            write_s = time.perf_counter() - start
+                            start = time.perf_counter()
+                            store.load(record.id, model_fingerprint=loaded.fingerprint)
+                            load_s = time.perf_counter() - start
+                            times[name, "write"].append(write_s)
+                            times[name, "load"].append(load_s)
+                            store.delete(record.id)
+                    med = {key: statistics.median(values[1:]) for key, values in times.items()}
+                    record, _ = stores["local"].put(compressed, meta, blob_format=blob_format)
+                    objects = sum(1 for p in (home / "blobs").rglob("*") if p.is_file()) - 1  # not store.json
+                    print(
+                        f"| {tokens:,} | {blob_format} | {record.bytes / 2**20:.2f} MiB | {objects} "
+                        f"| {med['local', 'write'] * 1e3:.1f} ms | {med['s3', 'write'] * 1e3:.1f} ms "
+                        f"| {med['local', 'load'] * 1e3:.1f} ms | {med['s3', 'load'] * 1e3:.1f} ms "
+                        f"| +{(med['s3', 'write'] - med['local', 'write']) * 1e3:.1f} / "
+                        f"+{(med['s3', 'load'] - med['local', 'load']) * 1e3:.1f} ms |"
+                    )
+                    for opened in stores.values():
+                        opened.close()
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Commands over stored contexts: ls, show, ask, rm, gc, stats.
+"""Commands over stored contexts: ls, show, ask, search, rm, gc, reindex, stats.
 
-ls, show, rm, gc and stats read only the index (and blob files for gc): they import no torch and
-load no model. ask loads the model when it has something to answer.
+ls, show, search, rm, gc, reindex and stats read only the index (and blob headers for gc and
+reindex): they import no torch and load no model. ask loads the model when it has something to answer.
 """
 
 from __future__ import annotations
@@ -76,6 +76,13 @@ def list_contexts(limit: int, as_json: bool, settings: Settings) -> None:
     with open_store(settings) as store:
         records = store.list(limit)
         incomplete = incomplete_ids(store.list())
+        unindexed = 0 if records else sum(1 for e in store.backend.list() if e.complete)
+    if unindexed:  # on stderr: --json output stays a plain list
+        click.echo(
+            f"the index has no contexts, but {unindexed} blobs are stored: if the index was lost, "
+            "rebuild it from them with `kvstore reindex`",
+            err=True,
+        )
     if as_json:
         print_json([{**asdict(r), "incomplete": r.id in incomplete} for r in records])
         return
@@ -307,23 +314,66 @@ def remove(refs: tuple[str, ...], settings: Settings) -> None:
     default=600.0,
     show_default=True,
     type=Finite(0.0),
-    help="Leave blobs younger than this many seconds (a write may still be committing).",
+    help="Leave leftovers younger than this many seconds (live writers are protected by a lease anyway).",
 )
+@click.option(
+    "--orphans",
+    is_flag=True,
+    help="Also delete valid blobs without a record that do not name this index (older stores); needs --yes.",
+)
+@click.option("--yes", is_flag=True, help="Confirm --orphans.")
 @store_options
 @with_settings
-def gc(grace: float, settings: Settings) -> None:
-    """Remove orphan blobs, interrupted writes, and records whose blob is gone.
+def gc(grace: float, orphans: bool, yes: bool, settings: Settings) -> None:
+    """Remove orphan blobs, interrupted writes, damaged blobs, and records whose blob is gone.
+
+    A valid blob is deleted only when it names this store's index and that index has no record of
+    it; others are listed as kept (`kvstore reindex` indexes them, `--orphans --yes` deletes them).
+    Blobs a writer is working on are never touched.
 
     \b
     Example:
         kvstore gc
+        kvstore gc --orphans --yes
     """
+    from kvstore.storage.maintenance import gc as collect
+
+    if orphans and not yes:
+        raise click.UsageError("--orphans deletes blobs no record points to: confirm with --yes")
     with open_store(settings) as store:
-        report = store.gc(grace_s=grace)
+        report = collect(store, grace_s=grace, orphans=orphans)
+    for line in report.kept:
+        console.print(f"[dim]kept {line}[/]", highlight=False)
+    for name in report.links:
+        console.print(f"unlinked {name}: a symbolic link where a blob belongs (its target was not touched)")
     console.print(
         f"orphan blobs: {len(report.orphan_blobs)}, temp files: {len(report.temp_files)}, "
-        f"stale records: {len(report.stale_records)}, freed {_size(report.freed_bytes)}"
+        f"damaged blobs: {len(report.damaged_blobs)}, stale records: {len(report.stale_records)}, "
+        f"kept: {len(report.kept)}, freed {_size(report.freed_bytes)}"
     )
+
+
+@click.command()
+@store_options
+@with_settings
+def reindex(settings: Settings) -> None:
+    """Rebuild lost index records from the blobs' headers (after a Redis was lost or restarted empty).
+
+    Each blob must prove it is its id's content; texts for `search` are not in blobs, so reindexed
+    contexts answer questions but are found by search only after they are ingested again.
+
+    \b
+    Example:
+        KVSTORE_REDIS_URL=redis://host:6379/0 kvstore reindex
+    """
+    from kvstore.storage.maintenance import reindex as rebuild
+    from kvstore.storage.store import ContextStore
+
+    with ContextStore.open(settings, adopt=True) as store:
+        report = rebuild(store)
+    for line in report.skipped:
+        console.print(f"[dim]skipped {line}[/]", highlight=False)
+    console.print(f"added {len(report.added)} records, {report.present} already indexed, {len(report.skipped)} skipped")
 
 
 @click.command()

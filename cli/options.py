@@ -78,7 +78,7 @@ def _home(ctx: click.Context, param: click.Parameter, value: str | None) -> Path
 
 
 def store_options(func: F) -> F:
-    """--home, --redis-url: where the store lives (env: KVSTORE_HOME, KVSTORE_REDIS_URL)."""
+    """--home, --redis-url, --blobs: where the store lives (env: KVSTORE_HOME, KVSTORE_REDIS_URL, KVSTORE_BLOBS)."""
     return _apply(
         func,
         [
@@ -95,6 +95,13 @@ def store_options(func: F) -> F:
                 name="redis_url",
                 metavar="URL",
                 help="Shared index: redis:// or rediss:// URL (default: KVSTORE_REDIS_URL, else the embedded Redis).",
+            ),
+            _setting(
+                "--blobs",
+                name="blobs",
+                metavar="URL",
+                help="Where blobs live: s3://bucket/prefix (credentials from the standard AWS environment and "
+                "config files) or a folder (default: KVSTORE_BLOBS, else HOME/blobs).",
             ),
         ],
     )

@@ -19,6 +19,7 @@ from kvstore.errors import InputError
 
 DEFAULT_MODEL = "smollm2-135m"
 QUANT_BITS: dict[str, int | None] = {"none": None, "int8": 8, "int4": 4}
+DEFAULT_GROUP_SIZE = 32  # quantization group (rows or channels sharing a scale)
 BLOB_FORMATS = ("safetensors", "zarr")
 # Decode kernels by name (kvstore.decode.kernels registers them; a test checks the two agree).
 DECODE_KERNELS = ("auto", "loop", "fused")
@@ -26,6 +27,7 @@ _DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
 ENV_VARS = {
     "home": "KVSTORE_HOME",
     "redis_url": "KVSTORE_REDIS_URL",
+    "blobs": "KVSTORE_BLOBS",
     "model": "KVSTORE_MODEL",
     "press": "KVSTORE_PRESS",
     "ratio": "KVSTORE_RATIO",
@@ -35,6 +37,13 @@ ENV_VARS = {
     "kernel": "KVSTORE_KERNEL",
     "max_document_mb": "KVSTORE_MAX_DOCUMENT_MB",
 }
+
+
+def bits_for(quant: str) -> int | None:
+    """Bits of a named quantization ('none' -> None); a clear error for unknown names."""
+    if quant not in QUANT_BITS:
+        raise ValueError(f"unknown quantization {quant!r}: choose one of {', '.join(QUANT_BITS)}")
+    return QUANT_BITS[quant]
 
 
 class SettingsError(InputError):
@@ -70,6 +79,17 @@ def _check_text(name: str, value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise SettingsError(f"{_label(name)}: expected a non-empty string, got {value!r}")
     return value.strip()
+
+
+def _check_blobs(value: object) -> str | None:
+    """A blobs location: None (the home's folder), a folder path, file:// or s3://bucket[/prefix]."""
+    if value in (None, ""):
+        return None
+    text = str(value).strip()
+    scheme = text.split("://", 1)[0] if "://" in text else ""
+    if scheme not in ("", "file", "s3") or (scheme == "s3" and not text[len("s3://") :].split("/", 1)[0]):
+        raise SettingsError(f"{_label('blobs')}: {value!r} is not a folder, file:// or s3://bucket/prefix URL")
+    return text
 
 
 @dataclass(frozen=True)
@@ -114,6 +134,7 @@ class Settings:
 
     home: Path = field(default_factory=_env("home"))  # type: ignore[assignment]
     redis_url: str | None = field(default_factory=_env("redis_url"), repr=False)  # it may hold a password
+    blobs: str | None = field(default_factory=_env("blobs"))  # None: KVSTORE_HOME/blobs; a folder or s3://bucket/prefix
     model: str = field(default_factory=_env("model", DEFAULT_MODEL))
     press: str = field(default_factory=_env("press", "kvzip"))
     ratio: float = field(default_factory=_env("ratio", "0.75"))
@@ -127,6 +148,7 @@ class Settings:
         home = self.home if self.home not in (None, "") else Path.home() / ".kvstore"
         object.__setattr__(self, "home", Path(home).expanduser())
         object.__setattr__(self, "redis_url", self.redis_url or None)
+        object.__setattr__(self, "blobs", _check_blobs(self.blobs))
         for name in ("model", "press"):
             object.__setattr__(self, name, _check_text(name, getattr(self, name)))
         object.__setattr__(self, "ratio", check_ratio(self.ratio))

@@ -48,9 +48,8 @@ def stored_versions(store: ContextStore, text: str) -> list[StoredDocument]:
     """Every stored version of a document's text, newest first."""
     sha = document_sha256(text.strip())
     groups: dict[tuple[str, str, str], list[ContextRecord]] = {}
-    for record in store.list():
-        if record.document_sha256 == sha:
-            groups.setdefault(_settings_key(record), []).append(record)
+    for record in store.index.by_document(sha):
+        groups.setdefault(_settings_key(record), []).append(record)
     versions = [StoredDocument(sorted(g, key=lambda r: (r.part, r.created))) for g in groups.values()]
     return sorted(versions, key=lambda v: -v.newest)
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kvstore.config import Settings
 from kvstore.engine.models import LoadedModel, load_model
+from tests.s3 import MotoServer
+
+pytest_plugins = ["tests.stores"]  # the `target` / `store` fixtures over every backend and index
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +28,18 @@ def store_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("KVSTORE_HOME", str(home))
     monkeypatch.delenv("KVSTORE_REDIS_URL", raising=False)
     return home
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    """One real S3-protocol server (moto) on 127.0.0.1 for the session; its AWS_* variables set meanwhile."""
+    server = MotoServer()
+    saved = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    for key in saved:
+        del os.environ[key]
+    os.environ.update(server.env())
+    yield server
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        del os.environ[key]
+    os.environ.update(saved)
+    server.stop()

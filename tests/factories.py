@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from kvstore.kv.compressed import CompressedKV, CompressedLayer
 from kvstore.kv.quant import QuantizedTensor, _expand
+from kvstore.storage.backends.local import LocalBackend
+from kvstore.storage.blob import BlobHeader
+from kvstore.storage.formats import format_of, get_format
 
 PRESS = {"press": "kvzip", "compression_ratio": 0.75, "budget": "global", "chunk_size": 2000}
 
@@ -29,3 +34,20 @@ def random_compressed(
 def half_step(q: QuantizedTensor) -> torch.Tensor:
     """The per-element error bound of `q`: half of its group's step, shaped like the tensor."""
     return _expand(q.scales, q.axis, q.shape, q.lengths, q.group_size) / 2
+
+
+def save_blob(path: Path, compressed: CompressedKV, header: BlobHeader, record: dict | None = None) -> BlobHeader:
+    """Encode a blob in the format its suffix names and publish it at `path` (a local backend rooted at its folder)."""
+    fmt = get_format(format_of(path.name))
+    written, parts = fmt.encode(compressed, header, record or {})
+    LocalBackend(path.parent).put(path.name, parts)
+    return written
+
+
+def load_blob(path: Path, model_fingerprint: str | None = None) -> tuple[CompressedKV, BlobHeader]:
+    """Decode the blob at `path` as the store would (a local file: memory-mapped safetensors)."""
+    return get_format(format_of(path.name)).decode(LocalBackend(path.parent).open(path.name), model_fingerprint)
+
+
+def describe_blob(path: Path) -> BlobHeader:
+    return get_format(format_of(path.name)).describe(LocalBackend(path.parent).open(path.name))[0]

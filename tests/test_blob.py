@@ -13,7 +13,6 @@ from kvstore.kv.compressed import CompressedKV
 from kvstore.kv.quant import KEYS_AXIS, VALUES_AXIS, bits_for, quantize
 from kvstore.storage.blob import (
     FORMAT_VERSION,
-    FORMATS,
     METADATA_KEY,
     BlobCorruptError,
     BlobError,
@@ -21,12 +20,9 @@ from kvstore.storage.blob import (
     BlobMissingError,
     BlobModelError,
     BlobVersionError,
-    SafetensorsFormat,
-    ZarrFormat,
-    format_for_path,
-    read_blob,
 )
-from tests.factories import PRESS, half_step, random_compressed
+from kvstore.storage.formats import FORMATS, format_of
+from tests.factories import PRESS, describe_blob, half_step, load_blob, random_compressed, save_blob
 
 
 def header_for(compressed: CompressedKV, quant: str = "none", fingerprint: str = "fp-a") -> BlobHeader:
@@ -51,10 +47,9 @@ def assert_same_layout(a: CompressedKV, b: CompressedKV) -> None:
 @pytest.mark.parametrize("quant", ["none", "int8", "int4"])
 def test_round_trip(tmp_path: Path, fmt: str, quant: str) -> None:
     compressed = random_compressed()
-    blob = FORMATS[fmt]
-    path = tmp_path / f"ctx{blob.suffix}"
-    written = blob.write(path, compressed, header_for(compressed, quant))
-    loaded, header = blob.read(path, model_fingerprint="fp-a")
+    path = tmp_path / f"ctx{FORMATS[fmt]}"
+    written = save_blob(path, compressed, header_for(compressed, quant))
+    loaded, header = load_blob(path, "fp-a")
     assert header == written and len(header.checksum) == 64
     assert header.lengths == [layer.lengths.tolist() for layer in compressed.layers]
     assert header.original_length == compressed.original_length and header.quant == quant
@@ -73,10 +68,9 @@ def test_round_trip(tmp_path: Path, fmt: str, quant: str) -> None:
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_bfloat16_round_trip_is_exact(tmp_path: Path, fmt: str) -> None:
     compressed = random_compressed(dtype=torch.bfloat16)
-    blob = FORMATS[fmt]
-    path = tmp_path / f"ctx{blob.suffix}"
-    blob.write(path, compressed, header_for(compressed))
-    loaded, header = read_blob(path)
+    path = tmp_path / f"ctx{FORMATS[fmt]}"
+    save_blob(path, compressed, header_for(compressed))
+    loaded, header = load_blob(path)
     assert header.dtype == "bfloat16"
     for x, y in zip(compressed.layers, loaded.layers, strict=True):
         assert y.keys.dtype == torch.bfloat16 and torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
@@ -87,7 +81,7 @@ def test_quantized_blobs_are_smaller(tmp_path: Path) -> None:
     sizes = {}
     for quant in ("none", "int8", "int4"):
         path = tmp_path / f"{quant}.safetensors"
-        SafetensorsFormat().write(path, compressed, header_for(compressed, quant))
+        save_blob(path, compressed, header_for(compressed, quant))
         sizes[quant] = path.stat().st_size
     assert sizes["int4"] < sizes["int8"] < sizes["none"] / 3
 
@@ -97,15 +91,15 @@ def test_safetensors_header_is_string_metadata_and_loads_are_memory_mapped(tmp_p
 
     compressed = random_compressed()
     path = tmp_path / "ctx.safetensors"
-    written = SafetensorsFormat().write(path, compressed, header_for(compressed))
+    written = save_blob(path, compressed, header_for(compressed))
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
         names = set(handle.keys())
     assert all(isinstance(v, str) for v in metadata.values())
     assert json.loads(metadata[METADATA_KEY])["format_version"] == FORMAT_VERSION
     assert {"token_ids", "layer.0.keys", "layer.0.values", "layer.0.lengths", "layer.0.positions"} <= names
-    assert SafetensorsFormat().read_header(path) == written
-    loaded, _ = read_blob(path)
+    assert describe_blob(path) == written
+    loaded, _ = load_blob(path)
     maps = Path("/proc/self/maps")
     if maps.exists():  # zero-copy: the loaded keys live in a mapping of the blob file itself
         pointer = loaded.layers[1].keys.data_ptr()
@@ -119,34 +113,34 @@ def test_zarr_is_a_group_with_one_subgroup_per_layer(tmp_path: Path) -> None:
 
     compressed = random_compressed(layers=2)
     path = tmp_path / "ctx.zarr"
-    written = ZarrFormat().write(path, compressed, header_for(compressed, "int8"))
+    written = save_blob(path, compressed, header_for(compressed, "int8"))
     group = zarr.open_group(str(path), mode="r")
     assert group.attrs[METADATA_KEY]["checksum"] == written.checksum
     keys = group["layer.1/keys.q"]
     assert keys.chunks == keys.shape  # one chunk per layer array
     assert type(keys.metadata.codecs[-1]).__name__ == "ZstdCodec"
-    assert ZarrFormat().read_header(path) == written
+    assert describe_blob(path) == written
 
 
 def test_other_model_is_refused(tmp_path: Path) -> None:
     compressed = random_compressed()
-    for blob in FORMATS.values():
-        path = tmp_path / f"ctx{blob.suffix}"
-        blob.write(path, compressed, header_for(compressed, fingerprint="fp-a"))
+    for suffix in FORMATS.values():
+        path = tmp_path / f"ctx{suffix}"
+        save_blob(path, compressed, header_for(compressed, fingerprint="fp-a"))
         with pytest.raises(BlobModelError, match=r"written by model 'tiny' \(fingerprint fp-a\).*fp-b"):
-            blob.read(path, model_fingerprint="fp-b")
-        blob.read(path)  # no expectation given: no model check
+            load_blob(path, "fp-b")
+        load_blob(path)  # no expectation given: no model check
 
 
 def test_other_format_version_is_refused(tmp_path: Path) -> None:
     compressed = random_compressed()
-    for blob in FORMATS.values():
-        path = tmp_path / f"ctx{blob.suffix}"
-        blob.write(path, compressed, replace(header_for(compressed), format_version=FORMAT_VERSION + 1))
+    for suffix in FORMATS.values():
+        path = tmp_path / f"ctx{suffix}"
+        save_blob(path, compressed, replace(header_for(compressed), format_version=FORMAT_VERSION + 1))
         with pytest.raises(BlobVersionError, match=f"version {FORMAT_VERSION + 1} is not supported"):
-            blob.read(path)
+            load_blob(path)
         with pytest.raises(BlobVersionError):
-            blob.read_header(path)
+            describe_blob(path)
 
 
 def flip(path: Path, offset: int) -> None:
@@ -159,7 +153,7 @@ def flip(path: Path, offset: int) -> None:
 def test_flipped_byte_in_safetensors_is_detected(tmp_path: Path, quant: str) -> None:
     compressed = random_compressed(layers=2, length=40)
     clean = tmp_path / "clean.safetensors"
-    SafetensorsFormat().write(clean, compressed, header_for(compressed, quant))
+    save_blob(clean, compressed, header_for(compressed, quant))
     data = clean.read_bytes()
     header_end = 8 + int.from_bytes(data[:8], "little")
     # every byte of the length prefix, a stride through the JSON header, a stride through the tensors
@@ -169,11 +163,11 @@ def test_flipped_byte_in_safetensors_is_detected(tmp_path: Path, quant: str) -> 
         path.write_bytes(data)
         flip(path, offset)
         with pytest.raises(BlobError):
-            read_blob(path)
+            load_blob(path)
     path.write_bytes(data)
     flip(path, header_end + (len(data) - header_end) // 2)
     with pytest.raises(BlobCorruptError, match="checksum"):
-        read_blob(path)
+        load_blob(path)
 
 
 def test_flipped_byte_in_zarr_chunks_or_header_is_detected(tmp_path: Path) -> None:
@@ -181,7 +175,7 @@ def test_flipped_byte_in_zarr_chunks_or_header_is_detected(tmp_path: Path) -> No
 
     compressed = random_compressed(layers=1, length=40)
     path = tmp_path / "ctx.zarr"
-    ZarrFormat().write(path, compressed, header_for(compressed, "int8"))
+    save_blob(path, compressed, header_for(compressed, "int8"))
     chunks = [p for p in path.rglob("*") if p.is_file() and p.parent.name in ("c", "0")]
     assert chunks
     for chunk in chunks:
@@ -189,34 +183,34 @@ def test_flipped_byte_in_zarr_chunks_or_header_is_detected(tmp_path: Path) -> No
         for offset in range(0, len(data), max(1, len(data) // 5)):
             flip(chunk, offset)
             with pytest.raises(BlobCorruptError):
-                read_blob(path)
+                load_blob(path)
             chunk.write_bytes(data)
-    read_blob(path)  # restored: reads again
+    load_blob(path)  # restored: reads again
     group = zarr.open_group(str(path), mode="r+")
     attrs = dict(group.attrs[METADATA_KEY])
     attrs["original_length"] += 1
     group.attrs[METADATA_KEY] = attrs
     with pytest.raises(BlobCorruptError, match="checksum"):
-        read_blob(path)
+        load_blob(path)
 
 
 def test_missing_and_foreign_files(tmp_path: Path) -> None:
     with pytest.raises(BlobMissingError):
-        read_blob(tmp_path / "nope.safetensors")
+        load_blob(tmp_path / "nope.safetensors")
     with pytest.raises(BlobMissingError):
-        read_blob(tmp_path / "nope.zarr")
+        load_blob(tmp_path / "nope.zarr")
     with pytest.raises(BlobError, match="not a kvstore blob"):
-        format_for_path(tmp_path / "x.pt")
+        format_of("x.pt")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file at all")
     with pytest.raises(BlobCorruptError):
-        read_blob(junk)
+        load_blob(junk)
     from safetensors.torch import save_file
 
     plain = tmp_path / "plain.safetensors"
     save_file({"x": torch.zeros(2)}, str(plain))
     with pytest.raises(BlobCorruptError, match="no kvstore header"):
-        read_blob(plain)
+        load_blob(plain)
 
 
 def test_header_json_round_trip() -> None:

@@ -25,7 +25,9 @@ def stored_ids() -> list[str]:
 
 
 def blob_files(home: Path) -> list[Path]:
-    return [p for p in (home / "blobs").rglob("*") if p.is_file()] if (home / "blobs").exists() else []
+    """Files in the blob shards (the store's identity file, store.json, is no blob)."""
+    blobs = home / "blobs"
+    return [p for p in blobs.rglob("*") if p.is_file() and p.parent != blobs] if blobs.exists() else []
 
 
 @pytest.mark.model
@@ -70,10 +72,10 @@ def test_ingest_list_ask_reingest_remove_gc(store_home: Path, tmp_path: Path) ->
     assert removed.exit_code == 0 and len(stored_ids()) == 3
     assert len(blob_files(store_home)) == 3
 
-    (store_home / "blobs" / "zz").mkdir()
-    (store_home / "blobs" / "zz" / ("f" * 64 + ".safetensors")).write_bytes(b"orphan")
+    (store_home / "blobs" / "ff").mkdir()
+    (store_home / "blobs" / "ff" / ("f" * 64 + ".safetensors")).write_bytes(b"an interrupted blob")
     collected = run("gc", "--grace", "0")
-    assert collected.exit_code == 0 and "orphan blobs: 1" in collected.output
+    assert collected.exit_code == 0 and "damaged blobs: 1" in collected.output
     assert len(blob_files(store_home)) == 3 and len(stored_ids()) == 3
 
     stats = run("stats")

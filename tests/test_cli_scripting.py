@@ -73,11 +73,26 @@ def test_context_ids_complete_in_the_shell(stored: list[str], store_home: Path) 
     assert offered == {i for i in stored if i.startswith(prefix)}
 
 
-@pytest.mark.parametrize("args", [["--help"], ["status", "no-such-job"], ["submit", "--help"]])
-def test_light_commands_never_import_torch(args: list[str], store_home: Path) -> None:
+LIGHT = [
+    ["--help"],
+    ["status", "no-such-job"],
+    ["submit", "--help"],
+    ["ls"],
+    ["show", "STORED"],
+    ["stats"],
+    ["search", "which document"],
+    ["gc", "--grace", "0"],
+    ["reindex"],
+    ["rm", "STORED"],
+]
+
+
+@pytest.mark.parametrize("args", LIGHT, ids=lambda a: " ".join(a))
+def test_light_commands_never_import_torch(args: list[str], stored: list[str]) -> None:
+    args = [stored[0] if a == "STORED" else a for a in args]
     probe = (
         "import sys\nfrom cli.main import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
         "print('LOADED', sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True).stdout
-    assert "LOADED []" in out, out[-500:]
+    done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
+    assert "LOADED []" in done.stdout and "Traceback" not in done.stderr, (done.stdout + done.stderr)[-800:]

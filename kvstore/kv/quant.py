@@ -21,20 +21,13 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstore.config import QUANT_BITS
+from kvstore.config import DEFAULT_GROUP_SIZE, bits_for
 
-DEFAULT_GROUP_SIZE = 32
+__all__ = ["DEFAULT_GROUP_SIZE", "bits_for"]  # re-exported: the quantization names live in kvstore.config
 KEYS_AXIS = 0  # per channel, groups across tokens
 VALUES_AXIS = 1  # per token, groups across channels
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 _FP16_TINY = 2.0**-24  # smallest positive float16 (subnormal): keeps every step > 0
-
-
-def bits_for(quant: str) -> int | None:
-    """Bits of a named scheme ('none' -> None); a clear error for unknown names."""
-    if quant not in QUANT_BITS:
-        raise ValueError(f"unknown quantization {quant!r}: choose one of {', '.join(QUANT_BITS)}")
-    return QUANT_BITS[quant]
 
 
 @dataclass

