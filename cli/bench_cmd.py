@@ -13,8 +13,16 @@ import click
 from rich.table import Table
 
 from cli.console import make_console
-from cli.eval_cmd import parse_numbers, parse_spec
-from cli.options import Finite, haystack_option, kernel_option, model_option, quiet_transformers, with_settings
+from cli.eval_cmd import check_specs, parse_numbers
+from cli.options import (
+    Finite,
+    check_model,
+    haystack_option,
+    kernel_option,
+    model_option,
+    quiet_transformers,
+    with_settings,
+)
 from kvstore.config import QUANT_BITS, Settings
 
 if TYPE_CHECKING:
@@ -35,9 +43,7 @@ THROUGHPUT_QUESTIONS = [
 @click.command("bench")
 @model_option
 @kernel_option
-@click.option(
-    "--press", default="kvzip", show_default=True, callback=parse_spec, help="Press spec, e.g. kvzip+think:0.25."
-)
+@click.option("--press", default="kvzip", show_default=True, help="Press spec, e.g. kvzip+think:0.25.")
 @click.option("--ratio", default=0.75, show_default=True, type=Finite(0.0, 1.0, max_open=True))
 @click.option("--quant", default="none", show_default=True, type=click.Choice(sorted(QUANT_BITS)))
 @click.option(
@@ -82,6 +88,8 @@ def bench(
     Example:
         kvstore bench --lengths 1000,4000 --questions 1,8,32 --kernel loop
     """
+    check_model(settings)
+    check_specs([press])
     from kvstore.decode.cache import CompressedCache
     from kvstore.engine.models import load_model
     from kvstore.eval.haystack import filler, tokenizer_counter

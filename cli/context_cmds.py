@@ -16,11 +16,13 @@ from rich.table import Table
 from cli.console import make_console
 from cli.options import (
     Finite,
+    check_model,
     complete_context_ids,
     json_option,
     kernel_option,
     model_option,
     print_json,
+    quiet_transformers,
     ref_argument,
     store_options,
     with_settings,
@@ -215,15 +217,15 @@ def ask(
         kvstore ask report-part1.md -c report-part2.md "Who signed the report?"
         kvstore ask --retrieve 4 "Which city hosts the archive?"
     """
-    from cli.options import quiet_transformers
-    from kvstore.client import KVStore
-    from kvstore.decode.generation import GenerationOptions
-
     refs, questions = ([], list(args)) if retrieve else ([args[0], *more], list(args[1:]))
     if not questions:
         raise click.UsageError("give at least one question after REF (or use --retrieve K)")
     if any(not q.strip() for q in questions) or any(not r.strip() for r in refs):
         raise click.UsageError("empty question or context reference")
+    check_model(settings)
+    from kvstore.client import KVStore
+    from kvstore.decode.generation import GenerationOptions
+
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, stop=stop)
     quiet_transformers()
     with KVStore(settings) as kv:

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cli.console import make_console
-from cli.options import Finite, haystack_option, model_option, quiet_transformers, with_settings
+from cli.options import Finite, check_model, haystack_option, model_option, quiet_transformers, with_settings
 from kvstore.config import QUANT_BITS, Settings
 from kvstore.eval.tasks import TASKS, make_suite
 
@@ -40,20 +40,20 @@ def parse_numbers(ctx: click.Context, param: click.Parameter, value: str) -> lis
     return numbers
 
 
-def parse_spec(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    """One press spec, checked by building it once."""
+def split_specs(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    """Comma-separated press specs, checked by `check_specs` once the command runs."""
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def check_specs(specs: list[str], option: str = "--press") -> None:
+    """Each press spec, checked by building it once; imports torch, so it runs after `check_model`."""
     from kvstore.presses import parse_press_spec
 
-    try:
-        parse_press_spec(value, 0.5)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    return value.strip()
-
-
-def parse_specs(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
-    """Comma-separated press specs."""
-    return [parse_spec(ctx, param, v) for v in value.split(",") if v.strip()]
+    for spec in specs:
+        try:
+            parse_press_spec(spec, 0.5)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=f"'{option}'") from None
 
 
 def _names(choices: list[str]) -> Callable[[click.Context, click.Parameter, str], list[str]]:
@@ -76,7 +76,7 @@ def _names(choices: list[str]) -> Callable[[click.Context, click.Parameter, str]
     "presses",
     default="kvzip,streaming",
     show_default=True,
-    callback=parse_specs,
+    callback=split_specs,
     help="Comma-separated press specs; stages without a ratio take the swept one "
     "(e.g. kvzip,kvzip+think:0.25; kvzip@global compares another budget).",
 )
@@ -147,6 +147,8 @@ def evaluate_command(
         kvstore eval --press kvzip,streaming --ratio 0.5,0.75,0.9 --tasks niah_single --n 20 \\
             --context-tokens 1500 --haystack ../shared/data/haystack
     """
+    check_model(settings)
+    check_specs(presses)
     from kvstore.engine.models import load_model
     from kvstore.eval.haystack import tokenizer_counter
     from kvstore.eval.report import plot_accuracy, write_results

@@ -20,7 +20,14 @@ from rich.table import Table
 
 from cli.console import make_console
 from cli.errors import EXIT_ERROR, EXIT_PARTIAL, fail
-from cli.options import compression_options, given_compression, quiet_transformers, store_options, with_settings
+from cli.options import (
+    check_model,
+    compression_options,
+    given_compression,
+    quiet_transformers,
+    store_options,
+    with_settings,
+)
 from kvstore.config import Settings
 from kvstore.text.documents import DocumentError, discover, read_document
 
@@ -80,6 +87,7 @@ def ingest(paths: tuple[str, ...], queue: bool, settings: Settings) -> None:
 
         submit_and_wait(paths, given_compression(), settings)
         return
+    check_model(settings)
     files = discover(paths)
     if not files:
         fail(f"no supported documents under {', '.join(paths)}")

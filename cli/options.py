@@ -195,6 +195,13 @@ def haystack_option(func: F) -> F:
     )(func)
 
 
+def check_model(settings: Settings) -> None:
+    """Fail in about a second, before torch is imported, when the model to load cannot be found."""
+    from kvstore.engine.locate import locate
+
+    locate(settings.model)
+
+
 def quiet_transformers() -> None:
     """The CLI prints its own progress: silence transformers' warnings and bars (imports it, so call late)."""
     import transformers

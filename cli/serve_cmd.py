@@ -8,7 +8,15 @@ import os
 import click
 
 from cli.errors import fail
-from cli.options import Finite, kernel_option, model_option, quiet_transformers, store_options, with_settings
+from cli.options import (
+    Finite,
+    check_model,
+    kernel_option,
+    model_option,
+    quiet_transformers,
+    store_options,
+    with_settings,
+)
 from kvstore.config import Settings
 
 
@@ -58,6 +66,7 @@ def serve(
         curl localhost:8000/v1/chat/completions -d '{"model": "smollm2-135m",
           "contexts": ["3f2a9c1b"], "messages": [{"role": "user", "content": "Who is the keeper?"}]}'
     """
+    check_model(settings)
     from kvstore.errors import import_extra
 
     uvicorn = import_extra("uvicorn", "serve")

