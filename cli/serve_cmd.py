@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Callable
 
 import click
 
@@ -18,6 +19,24 @@ from cli.options import (
     with_settings,
 )
 from kvstore.config import Settings
+
+
+def queue_submitter(settings: Settings) -> Callable[[str, str], str]:
+    """`serve --queue`: each POSTed text becomes a one-document job for the Celery workers; its job id."""
+    from kvstore.errors import import_extra
+
+    import_extra("celery", "workers")
+    from workers import jobs
+    from workers.celery import close_app, create_app
+
+    def submit(text: str, source: str) -> str:
+        app = create_app(settings)
+        try:
+            return jobs.submit(app, [jobs.Document(text, source)])
+        finally:
+            close_app(app)
+
+    return submit
 
 
 def _loopback(host: str) -> bool:
@@ -77,5 +96,6 @@ def serve(
     if not _loopback(host) and not api_key:
         fail(f"binding {host} exposes the store beyond this machine: set KVSTORE_API_KEY (a Bearer token) first")
     quiet_transformers()
-    server = ServerSettings(api_key, int(max_request_mb * 2**20), max_tokens, max_contexts, queue)
-    uvicorn.run(create_app(settings, server), host=host, port=port, log_level=log_level)
+    server = ServerSettings(api_key, int(max_request_mb * 2**20), max_tokens, max_contexts)
+    submit = queue_submitter(settings) if queue else None
+    uvicorn.run(create_app(settings, server, submit), host=host, port=port, log_level=log_level)

@@ -259,3 +259,33 @@ def test_requests_get_503_while_the_model_loads(monkeypatch: pytest.MonkeyPatch,
         assert http.get("/v1/models").status_code == 200
         failed = http.get("/v1/contexts")
         assert failed.status_code == 503 and "could not be loaded" in failed.json()["error"]["message"]
+
+
+def test_with_a_queue_a_posted_text_becomes_a_job_for_the_workers(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from cli.serve_cmd import queue_submitter
+    from kvstore.config import Settings
+    from kvstore.server.app import create_app
+    from workers import jobs
+    from workers.celery import close_app
+    from workers.celery import create_app as celery_app
+
+    monkeypatch.delenv("KVSTORE_BROKER_URL", raising=False)
+    settings = Settings(home=tmp_path, model=str(tiny_dir), redis_url=None)
+    with TestClient(create_app(settings, submit=queue_submitter(settings))) as http:
+        for _ in range(600):
+            if http.get("/healthz").status_code == 200:
+                break
+            time.sleep(0.1)
+        queued = http.post("/v1/contexts", json={"text": "The door is green.", "source": "door.md"})
+        assert queued.status_code == 202 and queued.json()["status"] == "queued", queued.text
+        assert http.get("/v1/contexts").json()["data"] == []  # queued, not ingested here
+        app = celery_app(settings)  # no worker serves this broker: the job waits in the queue
+        try:
+            status = jobs.job_status(app, queued.json()["id"])
+        finally:
+            close_app(app)
+    assert [(d.source, d.state) for d in status.documents] == [("door.md", "queued")]

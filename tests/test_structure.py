@@ -2,7 +2,8 @@
 
 errors -> config -> text/kv -> engine/storage -> presses/decode -> compress -> ingest -> client -> eval. A module may
 import its own subpackage and anything of a lower rank, never a peer or anything above it; lazy
-imports inside functions count too (only `if TYPE_CHECKING:` blocks are exempt).
+imports inside functions count too (only `if TYPE_CHECKING:` blocks are exempt). The Celery app
+(`workers/`) and the command line (`cli/`) sit above the whole library: kvstore never imports them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ RANKS = {
     "server": 7.5,
     "eval": 8,
 }
+ABOVE = ("workers", "cli")  # top-level packages built on the library
+
+
+def _ours(module: str) -> bool:
+    return module.split(".")[0] in ("kvstore", *ABOVE)
 
 
 def _module_name(path: Path) -> str:
@@ -50,7 +56,8 @@ def _type_checking_lines(tree: ast.Module) -> set[int]:
 
 
 def _imports(path: Path, modules: set[str]) -> set[str]:
-    """kvstore modules `path` imports (a `from pkg import name` naming a submodule counts as that submodule)."""
+    """kvstore, workers and cli modules `path` imports (a `from pkg import name` naming a submodule counts as that
+    submodule)."""
     tree = ast.parse(path.read_text())
     exempt = _type_checking_lines(tree)
     found: set[str] = set()
@@ -58,8 +65,8 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
         if getattr(node, "lineno", None) in exempt:
             continue
         if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith("kvstore"))
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kvstore"):
+            found.update(a.name for a in node.names if _ours(a.name))
+        elif isinstance(node, ast.ImportFrom) and node.module and _ours(node.module):
             for alias in node.names:
                 child = f"{node.module}.{alias.name}"
                 found.add(child if child in modules else node.module)
@@ -91,6 +98,17 @@ def test_imports_never_run_up_or_across_the_layers() -> None:
             if not same and RANKS[_area(target)] >= RANKS[_area(module)]:
                 wrong.append(f"{module} -> {target}")
     assert not wrong, "imports against the flow:\n" + "\n".join(sorted(wrong))
+
+
+def test_the_library_never_imports_the_workers_or_the_cli() -> None:
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    wrong = [
+        f"{module} -> {target}"
+        for module, path in files.items()
+        for target in _imports(path, set(files))
+        if target.split(".")[0] in ABOVE
+    ]
+    assert not wrong, "the library reaches up into the layers on top of it:\n" + "\n".join(sorted(wrong))
 
 
 def test_no_import_circles() -> None:

@@ -4,7 +4,7 @@
     GET    /v1/models             the model this server answers with
     GET    /v1/contexts           stored contexts (`?q=` searches them, `?limit=`)
     GET    /v1/contexts/{ref}     one context (or every part of a document), by id or id prefix
-    POST   /v1/contexts           ingest a text (in process, or through the Celery queue with `queue`)
+    POST   /v1/contexts           ingest a text (in process, or handed to the queue the app was given)
     DELETE /v1/contexts/{ref}     remove it
     GET    /healthz               "ok", or 503 while the model loads
 
@@ -22,7 +22,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +49,11 @@ class ServerSettings:
     max_request_bytes: int = 8 * 2**20
     max_tokens: int = 1024  # the largest max_tokens a request may ask for
     max_contexts: int = 16  # loaded contexts kept in memory (LRU)
-    queue: bool = False  # ingest through the Celery workers instead of in process
+
+
+# Hands a POSTed text (and its source) to a queue instead of ingesting it here; returns the job id.
+# The server knows no queue: `kvstore serve --queue` passes one in (the Celery workers').
+Submit = Callable[[str, str], str]
 
 
 class APIError(Exception):
@@ -141,8 +145,11 @@ def _question(request: ChatRequest) -> str:
     return question
 
 
-def create_app(settings: Settings, server: ServerSettings | None = None) -> FastAPI:
-    """The ASGI app: one engine thread owns the model; handlers talk to it and to the store."""
+def create_app(settings: Settings, server: ServerSettings | None = None, submit: Submit | None = None) -> FastAPI:
+    """The ASGI app: one engine thread owns the model; handlers talk to it and to the store.
+
+    With `submit`, POST /v1/contexts queues the text through it (202 and a job id) instead of ingesting.
+    """
     server = server or ServerSettings()
     engine = Engine(lambda: KVStore(settings, max_contexts=server.max_contexts, resolve_paths=False))
     ingest_lock = threading.Lock()
@@ -232,8 +239,8 @@ def create_app(settings: Settings, server: ServerSettings | None = None) -> Fast
             raise APIError(
                 413, f"document over the {settings.max_document_bytes:,}-byte limit", code="document_too_large"
             )
-        if server.queue:
-            job_id = await asyncio.to_thread(_submit, settings, body)
+        if submit is not None:
+            job_id = await asyncio.to_thread(submit, body.text, body.source or "http")
             return JSONResponse({"object": "job", "id": job_id, "status": "queued"}, status_code=202)
 
         def run() -> list[dict[str, Any]]:
@@ -356,14 +363,3 @@ async def _chunks(
             yield "data: [DONE]\n\n"
             return
         event = await events.get()
-
-
-def _submit(settings: Settings, body: IngestRequest) -> str:
-    from workers import jobs
-    from workers.celery import close_app, create_app
-
-    app = create_app(settings)
-    try:
-        return jobs.submit(app, [jobs.Document(body.text, body.source or "http")])
-    finally:
-        close_app(app)
