@@ -17,6 +17,7 @@ from cli.errors import EXIT_PARTIAL, EXIT_TIMEOUT, EXIT_UNAVAILABLE, fail
 from cli.options import (
     F,
     Finite,
+    check_model,
     compression_options,
     given_compression,
     json_option,
@@ -130,7 +131,7 @@ def worker(
     Each pool process loads the model once and handles one task at a time (prefetch 1, late acks:
     a task whose worker dies is run again by another). Start one worker per GPU with --gpu.
     Any other option goes to Celery's own worker (-E, --autoscale, --max-tasks-per-child, ...);
-    Celery's tools find the app as `celery -A workers` (e.g. `celery -A workers inspect active`).
+    Celery's tools find the app as `celery -A kvstore` (e.g. `celery -A kvstore inspect active`).
 
     \b
     Examples:
@@ -140,6 +141,7 @@ def worker(
         KVSTORE_REDIS_URL=redis://redis:6379/0 kvstore worker
     """
     names = [QUEUE_ALIASES.get(q.strip(), q.strip()) for q in queues.split(",") if q.strip()]
+    check_model(settings)
     from kvstore.errors import import_extra
 
     import_extra("celery", "workers")

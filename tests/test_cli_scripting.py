@@ -105,6 +105,7 @@ MODEL_COMMANDS = [
     ["serve"],
     ["eval", "--n", "1"],
     ["bench", "--lengths", "100"],
+    ["worker"],
 ]
 
 

