@@ -67,7 +67,7 @@ def ingest_text(
         cid = context_id(loaded.fingerprint, token_ids, meta.press, quant)
         existing = store.get(cid)
         store.texts.put(cid, part.text)  # before the record commits: search never misses a stored part
-        if existing is not None and store.intact(existing, full=True):  # else put repairs it
+        if existing is not None and store.intact(existing, loaded.kv_shape):  # else put repairs it
             results.append(IngestedPart(existing, False))
             continue
 

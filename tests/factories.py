@@ -8,9 +8,11 @@ import torch
 
 from kvstore.kv.compressed import CompressedKV, CompressedLayer
 from kvstore.kv.quant import QuantizedTensor, _expand
+from kvstore.kv.shape import KVShape
 from kvstore.storage.backends.local import LocalBackend
 from kvstore.storage.blob import BlobHeader
 from kvstore.storage.formats import format_of, get_format
+from kvstore.storage.validate import Expected
 
 PRESS = {"press": "kvzip", "compression_ratio": 0.75, "budget": "global", "chunk_size": 2000}
 
@@ -44,9 +46,12 @@ def save_blob(path: Path, compressed: CompressedKV, header: BlobHeader, record: 
     return written
 
 
-def load_blob(path: Path, model_fingerprint: str | None = None) -> tuple[CompressedKV, BlobHeader]:
+def load_blob(
+    path: Path, model_fingerprint: str | None = None, shape: KVShape | None = None
+) -> tuple[CompressedKV, BlobHeader]:
     """Decode the blob at `path` as the store would (a local file: memory-mapped safetensors)."""
-    return get_format(format_of(path.name)).decode(LocalBackend(path.parent).open(path.name), model_fingerprint)
+    source = LocalBackend(path.parent).open(path.name)
+    return get_format(format_of(path.name)).decode(source, Expected(model_fingerprint, shape))
 
 
 def describe_blob(path: Path) -> BlobHeader:

@@ -188,7 +188,7 @@ def test_flipped_byte_in_zarr_chunks_or_header_is_detected(tmp_path: Path) -> No
     load_blob(path)  # restored: reads again
     group = zarr.open_group(str(path), mode="r+")
     attrs = dict(group.attrs[METADATA_KEY])
-    attrs["original_length"] += 1
+    attrs["prefix_length"] += 1  # still consistent with the tensors: only the checksum catches it
     group.attrs[METADATA_KEY] = attrs
     with pytest.raises(BlobCorruptError, match="checksum"):
         load_blob(path)

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from kvstore.config import Settings
 from kvstore.engine.attention import ATTENTION_NAME
 from kvstore.engine.locate import PACKAGED_MODELS, ModelNotFoundError, PackagedModel, locate, packaged_dir
+from kvstore.kv.shape import MAX_TOKENS, KVShape
 from kvstore.text.prompt import ChatFrame
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,19 @@ class LoadedModel:
     def frame(self) -> ChatFrame:
         """The chat template split around the user content, rendered once per model."""
         return ChatFrame.for_tokenizer(self.tokenizer)
+
+    @cached_property
+    def kv_shape(self) -> KVShape:
+        """This model's cache geometry, window and vocabulary: what a stored context must match to be used."""
+        config = self.model.config.get_text_config()
+        heads = config.num_attention_heads
+        return KVShape(
+            layers=config.num_hidden_layers,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            window=getattr(config, "max_position_embeddings", None) or MAX_TOKENS,
+            vocab=max(config.vocab_size, len(self.tokenizer)),
+        )
 
 
 def resolve_device(device: str) -> torch.device:

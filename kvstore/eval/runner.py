@@ -103,7 +103,7 @@ def _store_cut(
     compressed = cut(scored.run, press, scored.scores)
     cut_s = time.perf_counter() - start
     record, _ = store.put(compressed, ContextMeta.for_model(loaded, press.params(), source=source), quant=quant)
-    return _Stored(store.load(record.id, model_fingerprint=loaded.fingerprint), record, cut_s)
+    return _Stored(store.load(record.id, loaded.fingerprint, loaded.kv_shape), record, cut_s)
 
 
 def _answer(loaded: LoadedModel, compressed: CompressedKV, question: str, max_new_tokens: int) -> tuple[str, float]:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvstore.kv.shape import KVShape
+
 
 @dataclass
 class CompressedLayer:
@@ -89,6 +91,11 @@ class CompressedKV:
     @property
     def kv_heads(self) -> int:
         return self.layers[0].kv_heads
+
+    @property
+    def kv_shape(self) -> KVShape:
+        """Its geometry, its own length as the window: what a blob standing for this context must match."""
+        return KVShape(len(self.layers), self.kv_heads, self.head_dim, self.original_length)
 
     @property
     def kept_pairs(self) -> int:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvstore.config import DEFAULT_GROUP_SIZE, bits_for
 from kvstore.errors import DataError
+from kvstore.kv.shape import MAX_TOKENS
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +32,10 @@ READABLE_VERSIONS = (1, 2)  # version 1: no key channel pruning (no `key_channel
 METADATA_KEY = "kvstore"  # safetensors metadata key / zarr group attribute holding the header JSON
 RECORD_KEY = "kvstore.record"  # beside it: what the index record said (document, parts, index identity)
 DTYPES = ("float32", "float16", "bfloat16")
+# Bounds on what any header may declare, whatever model reads it (a model's own window is tighter).
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 1024
+MAX_GROUP_SIZE = 1 << 16
 ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -142,12 +147,7 @@ class BlobHeader:
         except (TypeError, ValueError) as exc:
             raise BlobCorruptError(f"blob header is damaged: {exc}") from exc
         check_dtype(header.dtype)
-        if version != 1 and (
-            not isinstance(header.key_channels, list)
-            or len(header.key_channels) != header.layers
-            or any(not isinstance(n, int) or not 0 <= n <= header.head_dim for n in header.key_channels)
-        ):
-            raise BlobCorruptError("blob header is damaged: key_channels does not match its layers")
+        header.check_structure()
         if json.loads(header.to_json()) != raw:  # a flipped byte that still parses: wrong types or keys
             raise BlobCorruptError("blob header is damaged: it does not re-serialize to itself")
         return header
@@ -162,6 +162,33 @@ class BlobHeader:
             raise BlobCorruptError(f"blob header is not valid JSON: {exc}") from exc
         return cls.from_dict(raw)
 
+    def check_structure(self) -> None:
+        """Refuse fields that contradict each other or declare more than a blob can hold, naming the field.
+
+        Every size a reader allocates derives from these fields (`kvstore.storage.validate`), so
+        bounding them here bounds what loading any blob can allocate.
+        """
+        length = self.original_length
+        _check_int("original_length", length, 1, MAX_TOKENS)
+        _check_int("prefix_length", self.prefix_length, 0, length)
+        _check_int("head_dim", self.head_dim, 1, MAX_HEAD_DIM)
+        _check_int("group_size", self.group_size, 1, MAX_GROUP_SIZE)
+        if not isinstance(self.lengths, list) or not self.lengths or not all(isinstance(h, list) for h in self.lengths):
+            raise BlobCorruptError("blob header field 'lengths' is not a list of per-layer lists")
+        heads = len(self.lengths[0])
+        if not 1 <= heads <= MAX_HEADS or any(len(layer) != heads for layer in self.lengths):
+            raise BlobCorruptError(
+                f"blob header field 'lengths' does not give every layer the same 1-{MAX_HEADS} heads"
+            )
+        for layer in self.lengths:
+            for rows in layer:  # a head keeps each context position at most once
+                _check_int("lengths", rows, 0, length)
+        if self.format_version != 1:
+            if not isinstance(self.key_channels, list) or len(self.key_channels) != self.layers:
+                raise BlobCorruptError("blob header field 'key_channels' does not match its layers")
+            for channels in self.key_channels:
+                _check_int("key_channels", channels, 0, self.head_dim)
+
     @property
     def layers(self) -> int:
         return len(self.lengths)
@@ -175,13 +202,9 @@ class BlobHeader:
         return self.key_channels[layer] if self.pruned(layer) else self.head_dim
 
 
-def check_model(header: BlobHeader, model_fingerprint: str | None) -> None:
-    """Refuse a blob written by other weights: its K/V would be meaningless to this model."""
-    if model_fingerprint is not None and header.model_fingerprint != model_fingerprint:
-        raise BlobModelError(
-            f"blob was written by model {header.model!r} (fingerprint {header.model_fingerprint}), "
-            f"not by the requested model (fingerprint {model_fingerprint})"
-        )
+def _check_int(field: str, value: object, low: int, high: int) -> None:
+    if type(value) is not int or not low <= value <= high:
+        raise BlobCorruptError(f"blob header field {field!r} is {value!r}, outside [{low}, {high}]")
 
 
 def record_text(info: dict[str, Any]) -> str:

@@ -8,13 +8,15 @@
     layer.{i}.key_channels          int32 [kv_heads, channels]  only where ThinK pruned key channels:
                                     that layer's keys are then [kept, channels] (quantized likewise)
 
-Every format stores exactly these tensors and the header; `verify` (names + checksum) runs on what a
+Every format stores exactly these tensors and the header; `kvstore.storage.validate` says in
+which order a read checks them, `verify` (table + checksum) and `check_values` run on what a
 format read back before `unpack` touches a value.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -23,6 +25,7 @@ import torch
 from kvstore.kv.compressed import CompressedKV, CompressedLayer
 from kvstore.kv.quant import KEYS_AXIS, VALUES_AXIS, QuantizedTensor, bits_for, dequantize, quantize
 from kvstore.storage.blob import BlobCorruptError, BlobHeader, check_dtype, dtype_name
+from kvstore.storage.validate import Expected, Table, check_expected, check_tensors
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -73,20 +76,6 @@ def payload(compressed: CompressedKV, header: BlobHeader) -> dict[str, torch.Ten
     return tensors
 
 
-def expected_names(header: BlobHeader) -> set[str]:
-    parts = (
-        ("keys", "values")
-        if header.quant == "none"
-        else tuple(f"{p}.{s}" for p in ("keys", "values") for s in ("q", "scales", "zeros"))
-    )
-    names = {"token_ids"}
-    for i in range(header.layers):
-        names |= {f"layer.{i}.lengths", f"layer.{i}.positions", *(f"layer.{i}.{p}" for p in parts)}
-        if header.pruned(i):
-            names.add(f"layer.{i}.key_channels")
-    return names
-
-
 def unpack(tensors: dict[str, torch.Tensor], header: BlobHeader) -> CompressedKV:
     """Rebuild the CompressedKV (dequantized to the header's dtype) from verified tensors."""
     bits, dtype = bits_for(header.quant), parse_dtype(header.dtype)
@@ -117,13 +106,68 @@ def unpack(tensors: dict[str, torch.Tensor], header: BlobHeader) -> CompressedKV
 
 
 def verify(header: BlobHeader, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Every expected tensor is there and the checksum matches."""
-    names = expected_names(header)
-    if set(tensors) != names:
-        missing, extra = sorted(names - set(tensors)), sorted(set(tensors) - names)
-        raise BlobCorruptError(f"blob {where} has missing tensors {missing[:5]} / unexpected tensors {extra[:5]}")
+    """The tensors read back are exactly the declared ones and the checksum matches."""
+    check_tensors(header, {name: (dtype_name(t.dtype), tuple(t.shape)) for name, t in tensors.items()}, where)
     actual = checksum(header, tensors)
     if actual != header.checksum:
         raise BlobCorruptError(
             f"blob {where} is corrupt: checksum {actual[:16]}... does not match its header ({header.checksum[:16]}...)"
         )
+
+
+def _ascending_within_heads(values: torch.Tensor, lengths: list[int]) -> bool:
+    """Whether `values` (heads' runs packed one after another) strictly ascend inside every run."""
+    rising = values.diff() > 0
+    starts = torch.tensor(lengths[:-1], dtype=torch.long).cumsum(0)
+    starts = starts[(starts > 0) & (starts < values.numel())]
+    rising[starts - 1] = True  # where one head's run ends and the next begins
+    return bool(rising.all())
+
+
+def check_values(header: BlobHeader, tensors: dict[str, torch.Tensor], vocab: int | None, where: str) -> None:
+    """What the checksum cannot vouch for (it seals whatever was written): values a decode would trust.
+
+    Token ids within the vocabulary, stored lengths equal to the header's, kept positions inside
+    the context and ascending per head, key channels inside the head and ascending, every float finite.
+    """
+
+    def refuse(field: str, why: str) -> None:
+        raise BlobCorruptError(f"blob {where}: {why} ({field})")
+
+    ids = tensors["token_ids"].long()
+    if ids.numel() and (int(ids.min()) < 0 or (vocab is not None and int(ids.max()) >= vocab)):
+        refuse("token_ids", f"token ids span [{int(ids.min())}, {int(ids.max())}], outside the vocabulary of {vocab}")
+    for i, lengths in enumerate(header.lengths):
+        if tensors[f"layer.{i}.lengths"].tolist() != lengths:
+            refuse("lengths", f"layer {i} stores per-head lengths that differ from its header")
+        positions = tensors[f"layer.{i}.positions"].long()
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= header.original_length):
+            refuse("positions", f"layer {i} keeps positions outside the {header.original_length}-token context")
+        if not _ascending_within_heads(positions, lengths):
+            refuse("positions", f"layer {i} keeps positions that do not ascend within a head")
+        channels = tensors.get(f"layer.{i}.key_channels")
+        if channels is not None and channels.numel():
+            channels = channels.long()
+            inside = int(channels.min()) >= 0 and int(channels.max()) < header.head_dim
+            if not inside or not bool((channels.diff(dim=1) > 0).all()):
+                refuse("key_channels", f"layer {i} names key channels outside [0, {header.head_dim}) or not ascending")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            refuse(name, "NaN or infinite values")
+
+
+def decode_checked(
+    header: BlobHeader,
+    table: Table,
+    read: Callable[[], dict[str, torch.Tensor]],
+    expected: Expected | None,
+    where: str,
+) -> CompressedKV:
+    """What every format does once it parsed a blob's header and listed its tensors, in the order of
+    `kvstore.storage.validate`: expectations, table, read, checksum, values, then unpack."""
+    check_expected(header, expected, where)
+    check_tensors(header, table, where)
+    tensors = read()
+    verify(header, tensors, where)
+    check_values(header, tensors, expected.shape.vocab if expected and expected.shape else None, where)
+    return unpack(tensors, header)

@@ -33,13 +33,15 @@ import numpy as np
 
 from kvstore.config import Settings, bits_for
 from kvstore.errors import NotFoundError
+from kvstore.kv.shape import KVShape
 from kvstore.storage.backends import Backend, open_backend
-from kvstore.storage.blob import ELEMENT_BYTES, BlobCorruptError, BlobError, BlobHeader, BlobPathError
+from kvstore.storage.blob import ELEMENT_BYTES, BlobError, BlobHeader, BlobPathError
 from kvstore.storage.formats import FORMATS, BlobFormat, format_of, get_format
 from kvstore.storage.identity import bind
 from kvstore.storage.index import KEY_PREFIX, ContextIndex, ContextRecord, unavailable_as
 from kvstore.storage.private import private_dir, warn_if_shared
 from kvstore.storage.texts import ContextTexts
+from kvstore.storage.validate import Expected
 
 if TYPE_CHECKING:
     import torch
@@ -273,7 +275,7 @@ class ContextStore:
         with lease:
             existing = self.index.get(cid)
             if existing is not None:
-                if self.intact(existing, full=True):
+                if self.intact(existing, compressed.kv_shape):
                     return existing, False
                 self.index.delete(cid, if_created=existing.created)  # its blob is gone or damaged: repair
                 self._remove_blob(existing)
@@ -291,24 +293,29 @@ class ContextStore:
         self, cid: str, name: str, fmt: BlobFormat, compressed: CompressedKV, header: BlobHeader, info: dict
     ) -> tuple[BlobHeader, int]:
         """Publish the blob, or adopt one already there once it proves to be this id's content: (header, bytes)."""
-        adopted = self._adopt(cid, name, fmt)
+        shape = compressed.kv_shape
+        adopted = self._adopt(cid, name, fmt, shape)
         if adopted is not None:
             return adopted
         written, parts = fmt.encode(compressed, header, info)
         if not self.backend.put(name, parts):
-            adopted = self._adopt(cid, name, fmt)  # published meanwhile by a writer that lost its lease
+            adopted = self._adopt(cid, name, fmt, shape)  # published meanwhile by a writer that lost its lease
             if adopted is None:
                 raise BlobError(f"could not store context {cid[:12]}: its blob changed while it was written")
             return adopted
         return written, sum(len(data) for data in parts.values())
 
-    def _adopt(self, cid: str, name: str, fmt: BlobFormat) -> tuple[BlobHeader, int] | None:
-        """A blob already at `name` (left by a crash before its record): its header if it is `cid`'s content."""
+    def _adopt(self, cid: str, name: str, fmt: BlobFormat, shape: KVShape) -> tuple[BlobHeader, int] | None:
+        """A blob already at `name` (left by a crash before its record): its header if it is `cid`'s content.
+
+        Anyone who can write the store can plant a blob there: it is adopted only once it validates
+        against the context being written (`shape`) and its own content hashes to `cid`.
+        """
         if not self.backend.exists(name):
             return None
         try:
             source = self.backend.open(name)
-            compressed, header = fmt.decode(source)  # checks the checksum
+            compressed, header = fmt.decode(source, Expected(shape=shape))
             if context_id(header.model_fingerprint, compressed.token_ids, header.press, header.quant) == cid:
                 return header, self.backend.size(name)
         except BlobPathError:
@@ -329,24 +336,29 @@ class ContextStore:
             raise ContextNotFoundError(f"no stored context with id {context_id}")
         return record
 
-    def load(self, context_id: str, model_fingerprint: str | None = None) -> CompressedKV:
-        """The stored context, dequantized; checks format version, model (when given) and checksum."""
+    def load(self, context_id: str, model_fingerprint: str | None = None, shape: KVShape | None = None) -> CompressedKV:
+        """The stored context, dequantized, once the blob proved usable (`kvstore.storage.validate`).
+
+        model_fingerprint / shape: of the model that will decode it (checked when given); the blob
+        must also carry its index record's checksum.
+        """
         record = self.require(context_id)
         source = self.backend.open(blob_name(record.id, record.blob_format))
-        compressed, header = get_format(record.blob_format).decode(source, model_fingerprint)
-        if header.checksum != record.checksum:
-            raise BlobCorruptError(f"blob {source.location} does not match its index record (checksum differs)")
-        return compressed
+        expected = Expected(model_fingerprint, shape, record.checksum)
+        return get_format(record.blob_format).decode(source, expected)[0]
 
-    def intact(self, record: ContextRecord, full: bool = False) -> bool:
-        """Whether a record's blob is there with the record's header (full: and every tensor checks out)."""
+    def intact(self, record: ContextRecord, shape: KVShape | None = None) -> bool:
+        """Whether a record's blob is there with the record's header (shape given: and decodes validly as one)."""
         try:
             name = blob_name(record.id, record.blob_format)
             if not self.backend.exists(name):
                 return False
             source = self.backend.open(name)
             fmt = get_format(record.blob_format)
-            header = fmt.decode(source)[1] if full else fmt.describe(source)[0]
+            if shape is not None:
+                fmt.decode(source, Expected(shape=shape, checksum=record.checksum))
+                return True
+            header = fmt.describe(source)[0]
         except BlobPathError:
             raise
         except BlobError:

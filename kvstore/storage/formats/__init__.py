@@ -2,10 +2,10 @@
 
 A format knows nothing of paths, fsync or ids: `encode` returns the parts of a blob (one object for
 safetensors, a tree of parts for a zarr group, completed by its last part) and `decode` reads a
-`Source` that a backend opened. Reading follows one order in every format: the header first
-(version, then the model fingerprint), then the tensors, then `payload.verify` (names, checksum),
-and only then `payload.unpack`. `describe` and `token_ids` read just the header and the token ids
-(for gc and reindex), without torch.
+`Source` that a backend opened. Reading follows one order in every format, the one
+`kvstore.storage.validate` describes: the header and the tensor table are checked before any
+tensor is read, the checksum and the values before `payload.unpack`. `describe` and `token_ids`
+read just the header and the token ids (for gc and reindex), without torch.
 
 Formats are imported on first use, so the index-only commands never load torch or zarr.
 """
@@ -19,9 +19,11 @@ from kvstore.storage.blob import BlobError, BlobHeader
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
 
     from kvstore.kv.compressed import CompressedKV
     from kvstore.storage.backends import Source
+    from kvstore.storage.validate import Expected
 
 FORMATS = {"safetensors": ".safetensors", "zarr": ".zarr"}  # name -> suffix of the blob name
 _MODULES = {"safetensors": "kvstore.storage.formats.safetensors", "zarr": "kvstore.storage.formats.zarr"}
@@ -37,7 +39,11 @@ class BlobFormat(Protocol):
         self, compressed: CompressedKV, header: BlobHeader, record: dict[str, Any]
     ) -> tuple[BlobHeader, dict[str, bytes]]: ...
 
-    def decode(self, source: Source, model_fingerprint: str | None = None) -> tuple[CompressedKV, BlobHeader]: ...
+    def pack(
+        self, tensors: dict[str, torch.Tensor], header: BlobHeader, record: dict[str, Any]
+    ) -> dict[str, bytes]: ...
+
+    def decode(self, source: Source, expected: Expected | None = None) -> tuple[CompressedKV, BlobHeader]: ...
 
     def describe(self, source: Source) -> tuple[BlobHeader, dict[str, Any]]: ...  # header, record info
 

@@ -21,13 +21,12 @@ from kvstore.storage.blob import (
     METADATA_KEY,
     RECORD_KEY,
     BlobCorruptError,
-    BlobError,
     BlobHeader,
     check_metadata,
-    check_model,
     parse_record,
     record_text,
 )
+from kvstore.storage.validate import Expected, Table
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +34,7 @@ if TYPE_CHECKING:
     from kvstore.kv.compressed import CompressedKV
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on its JSON header
+_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I32": "int32", "U8": "uint8"}
 
 
 Reader = Callable[[int, int], bytes]  # bytes [start, end) of the blob
@@ -58,6 +58,20 @@ def _layout(read: Reader, where: str) -> tuple[dict[str, Any], int]:
     return layout, 8 + size
 
 
+def _table(layout: dict[str, Any], where: str) -> Table:
+    """Each tensor's dtype and shape as the safetensors header declares them (nothing read yet)."""
+    table: Table = {}
+    for name, entry in layout.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape = entry["dtype"], tuple(int(n) for n in entry["shape"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise BlobCorruptError(f"blob {where} is not a readable safetensors file: tensor {name!r}") from exc
+        table[name] = (_DTYPES.get(dtype, str(dtype)), shape)
+    return table
+
+
 def _ranged(source: Source) -> Reader:
     return lambda start, end: source.read(WHOLE, start, end)
 
@@ -78,14 +92,18 @@ class SafetensorsFormat:
     def encode(
         self, compressed: CompressedKV, header: BlobHeader, record: dict[str, Any]
     ) -> tuple[BlobHeader, dict[str, bytes]]:
-        from safetensors.torch import save
-
         from kvstore.storage.payload import checksum, payload
 
         tensors = payload(compressed, header)
         header = replace(header, checksum=checksum(header, tensors))
+        return header, self.pack(tensors, header, record)
+
+    def pack(self, tensors: dict[str, torch.Tensor], header: BlobHeader, record: dict[str, Any]) -> dict[str, bytes]:
+        """Named tensors and a sealed header -> the blob's one part."""
+        from safetensors.torch import save
+
         metadata = {METADATA_KEY: header.to_json(), RECORD_KEY: record_text(record)}
-        return header, {WHOLE: save(tensors, metadata=metadata)}
+        return {WHOLE: save(tensors, metadata=metadata)}
 
     def describe(self, source: Source) -> tuple[BlobHeader, dict[str, Any]]:
         return _header(_layout(_ranged(source), source.location)[0], source.location)
@@ -104,35 +122,28 @@ class SafetensorsFormat:
             raise BlobCorruptError(f"blob {source.location} is truncated")
         return np.frombuffer(data, dtype="<i4")
 
-    def decode(self, source: Source, model_fingerprint: str | None = None) -> tuple[CompressedKV, BlobHeader]:
-        from kvstore.storage.payload import unpack, verify
-
-        header, tensors = self._read(source, model_fingerprint)
-        verify(header, tensors, source.location)
-        return unpack(tensors, header), header
-
-    def _read(self, source: Source, model_fingerprint: str | None) -> tuple[BlobHeader, dict[str, torch.Tensor]]:
-        """The header (checked first) and the raw tensors: mmap views of a local file, else parsed from bytes."""
+    def decode(self, source: Source, expected: Expected | None = None) -> tuple[CompressedKV, BlobHeader]:
+        """Header, expectations and tensor table checked before a tensor is read (`kvstore.storage.validate`)."""
         from safetensors import safe_open
         from safetensors.torch import load
 
-        try:
-            if source.path is None:
-                data = source.read()
-                header = _header(_layout(lambda start, end: data[start:end], source.location)[0], source.location)[0]
-                check_model(header, model_fingerprint)
-                return header, load(data)
-            with safe_open(str(source.path), framework="pt", device="cpu") as handle:
-                metadata = handle.metadata() or {}
-                check_metadata(metadata, source.location)
-                header = BlobHeader.from_json(metadata.get(METADATA_KEY))
-                parse_record(metadata.get(RECORD_KEY))
-                check_model(header, model_fingerprint)
-                return header, {name: handle.get_tensor(name) for name in handle.keys()}  # mmap views, no copy
-        except BlobError:
-            raise
-        except Exception as exc:  # SafetensorError, OSError: a damaged container
-            raise BlobCorruptError(f"blob {source.location} is not a readable safetensors file: {exc}") from exc
+        from kvstore.storage.payload import decode_checked
+
+        where = source.location
+        data = None if source.path is not None else source.read()  # a remote blob: fetched once
+        layout = _layout(_ranged(source) if data is None else lambda start, end: data[start:end], where)[0]
+        header = _header(layout, where)[0]
+
+        def tensors() -> dict[str, torch.Tensor]:
+            try:
+                if data is not None:
+                    return load(data)
+                with safe_open(str(source.path), framework="pt", device="cpu") as handle:
+                    return {name: handle.get_tensor(name) for name in handle.keys()}  # mmap views, no copy
+            except Exception as exc:  # SafetensorError, OSError: a damaged container
+                raise BlobCorruptError(f"blob {where} is not a readable safetensors file: {exc}") from exc
+
+        return decode_checked(header, _table(layout, where), tensors, expected, where), header
 
 
 FORMAT = SafetensorsFormat()

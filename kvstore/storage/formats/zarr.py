@@ -24,13 +24,15 @@ from kvstore.storage.blob import (
     BlobError,
     BlobHeader,
     check_metadata,
-    check_model,
     parse_record,
     record_text,
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from kvstore.kv.compressed import CompressedKV
+    from kvstore.storage.validate import Expected
 
 ROOT = TREE_ROOT  # the group's root metadata; the backend writes it last
 
@@ -67,14 +69,19 @@ class ZarrFormat:
     def encode(
         self, compressed: CompressedKV, header: BlobHeader, record: dict[str, Any]
     ) -> tuple[BlobHeader, dict[str, bytes]]:
+        from kvstore.storage.payload import checksum, payload
+
+        tensors = payload(compressed, header)
+        header = replace(header, checksum=checksum(header, tensors))
+        return header, self.pack(tensors, header, record)
+
+    def pack(self, tensors: dict[str, torch.Tensor], header: BlobHeader, record: dict[str, Any]) -> dict[str, bytes]:
+        """Named tensors and a sealed header -> the group's parts, its root metadata last."""
         import torch
 
         from kvstore.storage.blob import dtype_name
-        from kvstore.storage.payload import checksum, payload
 
         zarr = _zarr()
-        tensors = payload(compressed, header)
-        header = replace(header, checksum=checksum(header, tensors))
         parts: dict[str, Any] = {}
         group = zarr.open_group(store=zarr.storage.MemoryStore(parts), mode="w-", zarr_format=3)
         group.attrs.update({METADATA_KEY: json.loads(header.to_json()), RECORD_KEY: record_text(record)})
@@ -92,7 +99,7 @@ class ZarrFormat:
             array[...] = data
         ordered = {name: buffer.to_bytes() for name, buffer in parts.items() if name != ROOT}
         ordered[ROOT] = parts[ROOT].to_bytes()  # last: it completes the blob
-        return header, ordered
+        return ordered
 
     def _root(self, source: Source) -> dict[str, Any]:
         try:
@@ -129,29 +136,48 @@ class ZarrFormat:
             raise BlobCorruptError(f"blob {source.location} has token_ids of type {ids.dtype}{list(ids.shape)}")
         return ids
 
-    def decode(self, source: Source, model_fingerprint: str | None = None) -> tuple[CompressedKV, BlobHeader]:
+    def decode(self, source: Source, expected: Expected | None = None) -> tuple[CompressedKV, BlobHeader]:
+        """Header, expectations and array metadata checked before an array is read (`kvstore.storage.validate`)."""
         import torch
 
-        from kvstore.storage.payload import expected_names, unpack, verify
+        from kvstore.storage.payload import decode_checked
 
+        where = source.location
         group = self._group(source)
         attributes = dict(group.attrs)
-        check_metadata(attributes, source.location)
+        check_metadata(attributes, where)
         header = BlobHeader.from_dict(attributes.get(METADATA_KEY))
         parse_record(attributes.get(RECORD_KEY))
-        check_model(header, model_fingerprint)
-        tensors = {}
-        for name in expected_names(header):
-            try:
-                array = group[_zarr_path(name)]
-                tensor = torch.from_numpy(np.asarray(array[...]))
-                if array.attrs.get("torch_dtype") == "bfloat16":
-                    tensor = tensor.view(torch.bfloat16)
-            except Exception as exc:  # missing array, zstd checksum failure, truncated chunk
-                raise BlobCorruptError(f"blob {source.location}: array {name!r} is unreadable: {exc}") from exc
-            tensors[name] = tensor
-        verify(header, tensors, source.location)
-        return unpack(tensors, header), header
+        arrays = _arrays(group, where)
+
+        def tensors() -> dict[str, torch.Tensor]:
+            read = {}
+            for name, array in arrays.items():
+                try:
+                    tensor = torch.from_numpy(np.asarray(array[...]))
+                except Exception as exc:  # zstd checksum failure, truncated or missing chunk
+                    raise BlobCorruptError(f"blob {where}: array {name!r} is unreadable: {exc}") from exc
+                read[name] = tensor.view(torch.bfloat16) if _dtype(array) == "bfloat16" else tensor
+            return read
+
+        table = {name: (_dtype(array), tuple(array.shape)) for name, array in arrays.items()}
+        return decode_checked(header, table, tensors, expected, where), header
+
+
+def _dtype(array: Any) -> str:
+    """An array's element type; bfloat16 is stored as int16 bits and says so in an attribute."""
+    stored = str(array.dtype)
+    return "bfloat16" if stored == "int16" and array.attrs.get("torch_dtype") == "bfloat16" else stored
+
+
+def _arrays(group: Any, where: str) -> dict[str, Any]:
+    """Every array of the group by tensor name ('layer.3/keys.q' -> 'layer.3.keys.q'), metadata only."""
+    try:
+        members = list(group.members(max_depth=None))
+    except Exception as exc:
+        raise BlobCorruptError(f"blob {where} is not a readable zarr group: {exc}") from exc
+    zarr = _zarr()
+    return {path.replace("/", ".", 1): item for path, item in members if isinstance(item, zarr.Array)}
 
 
 FORMAT = ZarrFormat()
