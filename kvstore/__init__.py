@@ -19,7 +19,7 @@ _EXPORTS = {
     "KVStore": "kvstore.client",
     "LoadedContext": "kvstore.client",
     "Settings": "kvstore.config",
-    "Answer": "kvstore.decode.generation",
+    "Answer": "kvstore.decode.answer",
     "GenerationOptions": "kvstore.decode.generation",
 }
 

@@ -165,9 +165,14 @@ def test_batch_is_ingested_indexed_and_answerable(target: Target) -> None:
         timeout=120,
     )
     assert "mara" in answer.lower()  # the end of the text: StreamingLLM keeps it
+    assert answer.contexts == (status.documents[0].context_ids[0],) and 0 < answer.completion_tokens <= 12
     bakery, lighthouse = (d.context_ids[0] for d in reversed(status.documents))
-    [composed] = jobs.ask(target.app, [bakery, lighthouse], ["What is the name of the keeper?"], 12, timeout=120)
+    question = ["What is the name of the keeper?"]
+    [composed] = jobs.ask(target.app, [bakery, lighthouse], question, {"max_new_tokens": 12}, timeout=120)
     assert "mara" in composed.lower()  # one answer from both stored contexts, composed on the worker
+    assert composed.contexts == (bakery, lighthouse) and composed.prompt_tokens > answer.prompt_tokens
+    [cut] = jobs.ask(target.app, lighthouse, question, {"max_new_tokens": 2, "temperature": 0.5, "seed": 1})
+    assert cut.completion_tokens == 2 and cut.finish_reason == "length"  # the options travelled with the task
 
 
 def test_bad_input_fails_at_once_with_a_clear_message(target: Target) -> None:

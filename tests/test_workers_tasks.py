@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -10,6 +11,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from kvstore.decode.answer import Answer
+from kvstore.decode.generation import GenerationOptions
+from kvstore.errors import InputError
 from kvstore.storage.index import ContextIndex, IndexUnavailableError, open_redis
 from kvstore.text.documents import DocumentError
 from workers.deliveries import KEY_PREFIX, TooManyDeliveries, count_delivery, forget_delivery
@@ -56,6 +60,51 @@ def test_questions_must_come_as_a_list(tasks, monkeypatch: pytest.MonkeyPatch) -
     for questions in ("What is it?", ["ok", ""], [3]):
         refused = tasks.answer_questions.apply(args=["deadbeefcafe", questions])
         assert isinstance(refused.result, DocumentError) and not calls
+
+
+BAD_OPTIONS = [
+    ({"max_new_tokens": 0}, "max_new_tokens must be"),
+    ({"num_beams": 2}, "unknown generation options: num_beams"),
+    ({"do_sample": "yes"}, "do_sample must be"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop takes at most"),
+    (["max_new_tokens", 8], "must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), BAD_OPTIONS, ids=[m for _, m in BAD_OPTIONS])
+def test_answer_options_are_checked_before_any_model_work(tasks, monkeypatch, options, message: str) -> None:
+    calls = []
+    monkeypatch.setattr(tasks.runtime, "client", lambda: calls.append(1))
+    refused = tasks.answer_questions.apply(args=["deadbeefcafe", ["What is it?"], options])
+    assert isinstance(refused.result, InputError) and message in str(refused.result) and not calls
+
+
+def test_answers_come_back_as_json_that_names_what_produced_them(tasks, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = []
+
+    class Client:
+        def ask_many(self, ref: object, questions: list[str], options: GenerationOptions) -> list[Answer]:
+            asked.append((ref, questions, options))
+            return [Answer(f"answer {i}", ["c1", "c2"], 40 + i, 3, "stop") for i in range(len(questions))]
+
+    monkeypatch.setattr(tasks.runtime, "client", Client)
+    options = {"max_new_tokens": 12, "do_sample": True, "top_p": 0.9, "top_k": 5, "stop": ["\n\n"], "seed": 3}
+    results = tasks.answer_questions.apply(args=[["c1", "c2"], ["First?", "Second?"], options]).get()
+    assert json.loads(json.dumps(results)) == results
+    assert results[1] == {
+        "text": "answer 1",
+        "contexts": ["c1", "c2"],
+        "prompt_tokens": 41,
+        "completion_tokens": 3,
+        "finish_reason": "stop",
+    }
+    typed = Answer.from_dict(results[1])  # what `workers.jobs.ask` hands its caller
+    assert typed == "answer 1" and typed.contexts == ("c1", "c2") and typed.finish_reason == "stop"
+    [(ref, questions, chosen)] = asked
+    assert ref == ["c1", "c2"] and questions == ["First?", "Second?"]
+    assert chosen == GenerationOptions(12, temperature=1.0, top_p=0.9, top_k=5, stop=("\n\n",), seed=3)
+    greedy = GenerationOptions.from_dict({"do_sample": False, "temperature": 0.7, "stop": "END"})
+    assert not greedy.sampling and greedy.stop == ("END",)
 
 
 def test_tasks_have_time_limits_and_late_acks(tasks) -> None:

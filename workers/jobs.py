@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ from celery import Celery, group
 from celery.result import GroupResult
 
 from kvstore.config import Compression
+from kvstore.decode.answer import Answer
 from kvstore.stages import STAGES
 from workers.celery import producer
 from workers.config import ANSWER_TASK, INGEST_TASK, WorkerSettings
@@ -169,11 +170,21 @@ def ask(
     app: Celery,
     refs: str | Sequence[str],
     questions: Sequence[str],
-    max_new_tokens: int | None = None,
+    options: Mapping[str, Any] | None = None,
+    *,
     timeout: float = 600.0,
-) -> list[str]:
-    """Answer questions on a worker of the answer queue, from one stored context or several composed."""
+    **generation: Any,
+) -> list[Answer]:
+    """Answer questions on a worker of the answer queue, from one stored context or several composed.
+
+    Generation options come as a JSON-safe mapping or as keywords, like the Python client's
+    (max_new_tokens, temperature, top_p, top_k, do_sample, stop, seed); the worker checks them. Each
+    answer is an `Answer`: a str that also knows its contexts, token counts and finish reason.
+    """
+    if options is not None and generation:
+        raise TypeError("pass generation options either as a mapping or as keywords, not both")
     ref = refs if isinstance(refs, str) else list(refs)
+    chosen = dict(options or generation)
     with producer(app) as publisher:
-        result = app.send_task(ANSWER_TASK, args=[ref, list(questions), max_new_tokens], producer=publisher)
-    return list(result.get(timeout=timeout))
+        result = app.send_task(ANSWER_TASK, args=[ref, list(questions), chosen], producer=publisher)
+    return [Answer.from_dict(answer) for answer in result.get(timeout=timeout)]

@@ -19,6 +19,7 @@ import redis
 from celery import Task
 
 from kvstore.config import Compression
+from kvstore.decode.generation import GenerationOptions
 from kvstore.ingest import ingest_text
 from kvstore.storage.index import IndexUnavailableError
 from kvstore.text.documents import DocumentError, read_document
@@ -113,18 +114,21 @@ def ingest_document(
 
 @_task(ANSWER_TASK, _limits.answer_time_limit)
 def answer_questions(
-    self: Task, ref: str | list[str], questions: list[str], max_new_tokens: int | None = None
-) -> list[str]:
+    self: Task, ref: str | list[str], questions: list[str], options: Mapping[str, object] | None = None
+) -> list[dict[str, Any]]:
     """Answer a batch of questions from one stored context, or from several composed into one prompt.
 
     `ref` is an id, a unique prefix or a document path, or a list of them (composed in that order).
+    `options` are the generation options as JSON (`GenerationOptions.from_dict`: max_new_tokens,
+    temperature, top_p, top_k, do_sample, stop, seed), checked before any model work. Each answer comes
+    back as JSON (`Answer.to_dict`): its text, the contexts used, token counts and finish reason.
     """
     if isinstance(questions, str) or not isinstance(questions, list | tuple):
         raise DocumentError("questions must be a list of strings, not a single string")
     if not all(isinstance(q, str) and q.strip() for q in questions):
         raise DocumentError("every question must be a non-empty string")
+    generation = GenerationOptions.from_dict(options)
     if not questions:
         return []
     kv = runtime.client()
-    generation = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
-    return [str(answer) for answer in kv.ask_many(ref, list(questions), **generation)]
+    return [answer.to_dict() for answer in kv.ask_many(ref, list(questions), generation)]

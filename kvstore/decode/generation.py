@@ -7,9 +7,10 @@ own logits warpers and stopping criteria, configured by `GenerationOptions` (gre
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
+from kvstore.decode.answer import Answer
 from kvstore.decode.cache import CompressedCache
 from kvstore.engine.models import LoadedModel
 from kvstore.errors import InputError
@@ -77,6 +79,23 @@ class GenerationOptions:
             stop=(stop,) if isinstance(stop, str) else tuple(stop),
         )
 
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, object] | None) -> GenerationOptions:
+        """Options from JSON (a queued answer task's): the fields above, `stop` as a string or a list, and
+        transformers' `do_sample` (false: greedy; true without a temperature: 1.0). Unknown keys are refused."""
+        if raw is not None and not isinstance(raw, Mapping):
+            raise InputError(f"generation options must be a JSON object, got {type(raw).__name__}")
+        fields = dict(raw or {})
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)} - {"do_sample"})
+        if unknown:
+            raise InputError(f"unknown generation options: {', '.join(unknown)}")
+        if "do_sample" in fields:
+            sample = fields.pop("do_sample")
+            if not isinstance(sample, bool):
+                raise InputError(f"do_sample must be true or false, got {sample!r}")
+            fields["temperature"] = (fields.get("temperature") or 1.0) if sample else 0.0
+        return cls(**fields)
+
     @property
     def sampling(self) -> bool:
         return self.temperature > 0.0
@@ -93,28 +112,6 @@ class GenerationOptions:
 
 
 GREEDY = GenerationOptions()
-
-
-class Answer(str):
-    """An answer's text (a plain str), carrying what produced it."""
-
-    contexts: tuple[str, ...]  # ids of the stored contexts the answer was decoded from, in prompt order
-    prompt_tokens: int  # context (original length) + question tokens
-    completion_tokens: int
-    finish_reason: str  # "stop" (end of turn or a stop string) or "length" (max_new_tokens)
-
-    def __new__(
-        cls, text: str, contexts: Sequence[str], prompt_tokens: int, completion_tokens: int, finish_reason: str
-    ) -> Answer:
-        answer = super().__new__(cls, text)
-        answer.contexts = tuple(contexts)
-        answer.prompt_tokens = prompt_tokens
-        answer.completion_tokens = completion_tokens
-        answer.finish_reason = finish_reason
-        return answer
-
-    def __getnewargs__(self) -> tuple[object, ...]:  # copy and pickle rebuild it with its fields
-        return str(self), self.contexts, self.prompt_tokens, self.completion_tokens, self.finish_reason
 
 
 @dataclass
