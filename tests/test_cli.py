@@ -125,6 +125,22 @@ def test_bad_settings_fail_clearly_and_store_nothing(args: list[str], message: s
     assert stored_ids() == [] and blob_files(store_home) == []
 
 
+def test_the_readme_snippet_and_the_cli_store_a_file_under_one_id(
+    store_home: Path, tmp_path: Path, tiny_dir: Path
+) -> None:
+    from kvstore import KVStore
+
+    doc = tmp_path / "report.md"
+    doc.write_text("The archive is in Lyon.\n\nIts keeper is Mara.\n")  # as editors save it: a final newline
+    with KVStore(home=tmp_path / "python-store", model=str(tiny_dir)) as kv:  # the README's Python snippet
+        [part] = kv.ingest_files([doc])
+        [raw] = kv.ingest_text(doc.read_text(), str(doc))  # the text as read, final newline and all
+    assert raw.record.id == part.record.id
+    ingested = run("ingest", str(doc), "--model", str(tiny_dir))
+    assert ingested.exit_code == 0, ingested.output
+    assert stored_ids() == [part.record.id]
+
+
 def test_ask_unknown_context_is_a_clear_error(store_home: Path) -> None:
     result = CliRunner().invoke(main, ["ask", "deadbeefcafe", "anything?"])
     assert result.exit_code == 1 and "no stored context for 'deadbeefcafe'" in result.output

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from kvstore import KVStore
-from tests.tiny import sample_text, tiny_model
+from tests.tiny import sample_text
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-0123456789"
@@ -70,16 +70,6 @@ def stop_server(server: Server) -> None:
         server.process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         server.process.kill()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random model saved as a local model directory, loadable by name like any other."""
-    loaded = tiny_model("llama", seed=9)
-    target = tmp_path_factory.mktemp("tiny-model")
-    loaded.model.save_pretrained(target)
-    loaded.tokenizer.save_pretrained(target)
-    return target
 
 
 @pytest.fixture(scope="module")
