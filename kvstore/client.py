@@ -85,6 +85,12 @@ class KVStore:
     def __init__(
         self, settings: Settings | None = None, *, max_contexts: int = 8, resolve_paths: bool = True, **fields: Any
     ):
+        """Open the store now, so a wrong home or Redis URL fails here; models load on first use.
+
+        `max_contexts` bounds the contexts kept loaded (each holds its K/V in memory). With
+        `resolve_paths=False` refs are ids and prefixes only: a server's remote callers must never make
+        it look at local files.
+        """
         if settings is not None and fields:
             raise TypeError("pass either a Settings object or keyword settings, not both")
         self.settings = settings or Settings().with_overrides(**fields)

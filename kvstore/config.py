@@ -173,6 +173,7 @@ class Settings:
 
     @property
     def max_document_bytes(self) -> int:
+        """The size cap in bytes: a larger file is refused before it is read, so one stray file cannot fill memory."""
         return int(self.max_document_mb * 2**20)
 
     @property

@@ -54,6 +54,7 @@ class ContextSearch:
     """BM25 over the stored contexts' texts; one per store, safe to share between threads."""
 
     def __init__(self, store: ContextStore):
+        """Texts are read from the store once and cached; the BM25 index is rebuilt only when the stored ids change."""
         self.store = store
         self._texts: dict[str, str] = {}
         self._ids: tuple[str, ...] = ()

@@ -98,9 +98,11 @@ class GenerationOptions:
 
     @property
     def sampling(self) -> bool:
+        """Whether tokens are sampled; greedy (temperature 0) answers are the same on every run."""
         return self.temperature > 0.0
 
     def warpers(self) -> LogitsProcessorList:
+        """transformers' own temperature, top-k and top-p warpers (none when greedy): sampling as `generate` does."""
         processors = LogitsProcessorList()
         if self.sampling:
             processors.append(TemperatureLogitsWarper(self.temperature))
@@ -272,6 +274,7 @@ class TextStream:
     """
 
     def __init__(self, loaded: LoadedModel, options: GenerationOptions):
+        """Holds back one character less than the longest stop string, so no stop string is ever half shown."""
         self.loaded, self.options = loaded, options
         self.hold = max((len(s) - 1 for s in options.stop), default=0)
         self.shown = ""

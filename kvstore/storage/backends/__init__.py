@@ -55,11 +55,14 @@ class Source(Protocol):
     location: str  # printable: a path or a URL, never a credential
 
     @property
-    def path(self) -> Path | None: ...  # a local file or directory (memory maps, partial reads), else None
+    def path(self) -> Path | None:
+        """The local file or directory, so formats can memory-map it and read parts lazily; None when remote."""
 
-    def read(self, part: str = WHOLE, start: int | None = None, end: int | None = None) -> bytes: ...
+    def read(self, part: str = WHOLE, start: int | None = None, end: int | None = None) -> bytes:
+        """One part's bytes (the whole blob by default), or only [start, end): a header costs no tensor reads."""
 
-    def read_parts(self) -> dict[str, bytes]: ...  # every part of a tree, by part name
+    def read_parts(self) -> dict[str, bytes]:
+        """Every part of a tree, by part name: one pass for formats that need all of them."""
 
 
 class Backend(Protocol):
@@ -67,23 +70,33 @@ class Backend(Protocol):
 
     url: str  # printable location of the backend root
 
-    def put(self, name: str, parts: Mapping[str, bytes]) -> bool: ...
+    def put(self, name: str, parts: Mapping[str, bytes]) -> bool:
+        """Store the parts atomically, in order (the last completes the blob); False, changing nothing, when the
+        name is taken: content-addressed names make what is there the same blob, so the caller adopts it."""
 
-    def open(self, name: str) -> Source: ...  # BlobMissingError when absent, BlobPathError when refused
+    def open(self, name: str) -> Source:
+        """The blob for reading; BlobMissingError when absent, BlobPathError when it is a link (never followed)."""
 
-    def exists(self, name: str) -> bool: ...
+    def exists(self, name: str) -> bool:
+        """Whether a blob is stored under the name (a put there would return False)."""
 
-    def size(self, name: str) -> int: ...  # bytes of a blob, all parts together
+    def size(self, name: str) -> int:
+        """Bytes of a blob, all parts together: the size a record states, known without reading the blob."""
 
-    def list(self) -> Iterator[Entry]: ...  # the blob names under the two-character shards
+    def list(self) -> Iterator[Entry]:
+        """Every blob and leftover under the two-character shards, with what gc needs to judge it."""
 
-    def delete(self, name: str) -> int: ...  # bytes freed (0 when absent)
+    def delete(self, name: str) -> int:
+        """Remove the blob; the bytes freed (0 when absent, so a second gc or a racing one is harmless)."""
 
-    def location(self, name: str) -> str: ...
+    def location(self, name: str) -> str:
+        """A printable path or URL for messages, never carrying a credential."""
 
-    def read_meta(self, name: str) -> bytes | None: ...  # a small top-level object (store.json), None if absent
+    def read_meta(self, name: str) -> bytes | None:
+        """A small top-level object (store.json, the store's identity), None if absent."""
 
-    def put_meta(self, name: str, data: bytes) -> bool: ...  # create it unless present; True if ours
+    def put_meta(self, name: str, data: bytes) -> bool:
+        """Create it unless present; True if ours: two processes claiming one store end up with one identity."""
 
 
 def check_name(name: str) -> str:
