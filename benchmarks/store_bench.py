@@ -94,7 +94,7 @@ def main() -> None:
                     record, _ = store.put(compressed, meta, quant=quant)
 
                     def ready(context_id: str = record.id, opened: ContextStore = store) -> CompressedCache:
-                        return CompressedCache(opened.load(context_id, model_fingerprint=loaded.fingerprint))
+                        return CompressedCache.from_store(opened, context_id, loaded)
 
                     load_s, _ = timed(ready, args.repeats)
                     rows.append((quant, record.blob_format, record.bytes, load_s))
@@ -163,7 +163,7 @@ def backends_main(args: argparse.Namespace) -> None:
                             record, _ = store.put(compressed, meta, blob_format=blob_format)
                             write_s = time.perf_counter() - start
                             start = time.perf_counter()
-                            store.load(record.id, model_fingerprint=loaded.fingerprint)
+                            store.load(record.id, loaded.fingerprint, loaded.kv_shape)
                             load_s = time.perf_counter() - start
                             times[name, "write"].append(write_s)
                             times[name, "load"].append(load_s)

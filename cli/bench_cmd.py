@@ -115,7 +115,7 @@ def bench(
                 )
             )
         first = store.list()[-2]  # the first measured length (newest first; the warm-up is last)
-        cache = CompressedCache(store.load(first.id, loaded.fingerprint), device=loaded.device, kernel=kernel)
+        cache = CompressedCache.from_store(store, first.id, loaded, kernel)
         throughput = measure_throughput(loaded, cache, THROUGHPUT_QUESTIONS, [int(b) for b in batch_sizes])
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch_device_name(loaded.device)

@@ -199,10 +199,8 @@ class KVStore:
             self._contexts.move_to_end(record.id)
             return self._contexts[record.id]
         loaded = self.model(record.model)
-        compressed = self.store.load(record.id, model_fingerprint=loaded.fingerprint)
-        context = LoadedContext(
-            record, loaded, CompressedCache(compressed, device=loaded.device, kernel=self.settings.kernel)
-        )
+        compressed = self.store.load(record.id, loaded.fingerprint, loaded.kv_shape)
+        context = LoadedContext(record, loaded, CompressedCache.for_model(compressed, loaded, self.settings.kernel))
         self._contexts[record.id] = context
         while len(self._contexts) > self.max_contexts:
             self._contexts.popitem(last=False)
@@ -234,7 +232,7 @@ class KVStore:
         loaded = parts[0].loaded
         composed = compose(loaded, [p.cache.compressed for p in parts], reserve)
         context = LoadedContext(
-            records[0], loaded, CompressedCache(composed, device=loaded.device, kernel=self.settings.kernel), key
+            records[0], loaded, CompressedCache.for_model(composed, loaded, self.settings.kernel), key
         )
         self._compositions[key] = context
         while len(self._compositions) > max(1, self.max_contexts // 2):

@@ -23,6 +23,9 @@ DEFAULT_GROUP_SIZE = 32  # quantization group (rows or channels sharing a scale)
 BLOB_FORMATS = ("safetensors", "zarr")
 # Decode kernels by name (kvstore.decode.kernels registers them; a test checks the two agree).
 DECODE_KERNELS = ("auto", "loop", "fused")
+# Floating types of the model's weights and of the stored K/V ("auto": bfloat16 on CUDA, float32 elsewhere
+# for the model; the model's own for storage). A context moves between them: loads cast as needed.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
 ENV_VARS = {
     "home": "KVSTORE_HOME",
@@ -34,6 +37,8 @@ ENV_VARS = {
     "quant": "KVSTORE_QUANT",
     "blob_format": "KVSTORE_FORMAT",
     "device": "KVSTORE_DEVICE",
+    "dtype": "KVSTORE_DTYPE",
+    "storage_dtype": "KVSTORE_STORAGE_DTYPE",
     "kernel": "KVSTORE_KERNEL",
     "max_document_mb": "KVSTORE_MAX_DOCUMENT_MB",
 }
@@ -141,6 +146,8 @@ class Settings:
     quant: str = field(default_factory=_env("quant", "none"))
     blob_format: str = field(default_factory=_env("blob_format", "safetensors"))
     device: str = field(default_factory=_env("device", "auto"))
+    dtype: str = field(default_factory=_env("dtype", "auto"))  # the model's weights and compute
+    storage_dtype: str = field(default_factory=_env("storage_dtype", "auto"))  # stored K/V; auto: the model's
     kernel: str = field(default_factory=_env("kernel", "auto"))  # decode kernel: auto = the best measured per device
     max_document_mb: float = field(default_factory=_env("max_document_mb", "50"))  # a document's size cap
 
@@ -155,6 +162,8 @@ class Settings:
         _check_choice("quant", self.quant, tuple(QUANT_BITS))
         _check_choice("blob_format", self.blob_format, BLOB_FORMATS)
         _check_choice("kernel", self.kernel, DECODE_KERNELS)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("storage_dtype", self.storage_dtype, DTYPES)
         try:
             size = float(self.max_document_mb)
         except (TypeError, ValueError):

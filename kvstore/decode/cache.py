@@ -10,6 +10,8 @@ over the same prefix tensors.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -17,6 +19,10 @@ from kvstore.decode.kernels import DEFAULT_KERNEL, Kernel, get_kernel
 from kvstore.decode.prefix import RaggedPrefix
 from kvstore.engine.attention import clear_pending, hand_over_prefix
 from kvstore.kv.compressed import CompressedKV
+
+if TYPE_CHECKING:
+    from kvstore.engine.models import LoadedModel
+    from kvstore.storage.store import ContextStore
 
 # Suffix rows allocated at least, when nothing was reserved: a question plus a short answer.
 _MIN_SUFFIX_CAPACITY = 64
@@ -140,6 +146,18 @@ class CompressedCache(Cache):
         super().__init__(layers=layers)
         self.compressed = compressed
         self.kernel = kernel
+
+    @classmethod
+    def for_model(cls, compressed: CompressedKV, loaded: LoadedModel, kernel: str = DEFAULT_KERNEL) -> CompressedCache:
+        """A cache `loaded` decodes from: on its device, in its dtype, whatever dtype the context was stored in."""
+        return cls(compressed, dtype=loaded.model.dtype, device=loaded.device, kernel=kernel)
+
+    @classmethod
+    def from_store(
+        cls, store: ContextStore, context_id: str, loaded: LoadedModel, kernel: str = DEFAULT_KERNEL
+    ) -> CompressedCache:
+        """A stored context, validated against `loaded` (fingerprint, geometry) and ready for it to decode."""
+        return cls.for_model(store.load(context_id, loaded.fingerprint, loaded.kv_shape), loaded, kernel)
 
     @property
     def original_length(self) -> int:

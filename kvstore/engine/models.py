@@ -94,12 +94,22 @@ def convert_packaged(name: str, cache_dir: Path) -> Path:
     return target
 
 
+# Config entries that say how the weights were loaded, not which weights they are.
+_LOAD_ONLY_CONFIG = ("dtype", "torch_dtype")
+
+
 def _fingerprint_weights(model: PreTrainedModel) -> str:
-    """Cheap but content-sensitive: hash config plus a strided sample of every parameter."""
-    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    """Cheap but content-sensitive: hash config plus a strided sample of every parameter.
+
+    It names the weights, not the dtype they were loaded in (a context prefilled by a bfloat16 GPU
+    worker serves a float32 CPU client): the load dtype is left out of the config and every sample
+    is rounded to bfloat16 first, which a float32 and a bfloat16 load of the same weights agree on.
+    """
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _LOAD_ONLY_CONFIG}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, param in sorted(model.state_dict().items()):
         flat = param.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 256)].to(torch.float32).cpu().numpy()
+        sample = flat[:: max(1, flat.numel() // 256)].to(torch.bfloat16).to(torch.float32).cpu().numpy()
         digest.update(name.encode())
         digest.update(sample.tobytes())
     return digest.hexdigest()[:16]
@@ -120,7 +130,10 @@ def load_model(name: str | None = None, settings: Settings | None = None) -> Loa
     if isinstance(location, PackagedModel):
         location = convert_packaged(name, settings.model_cache_dir)
     device = resolve_device(settings.device)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if settings.dtype == "auto":
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    else:
+        dtype = getattr(torch, settings.dtype)
     offline = isinstance(location, str) and try_to_load_from_cache(location, "config.json") is not None
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=offline)

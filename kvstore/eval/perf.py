@@ -110,7 +110,8 @@ def measure_length(
     (record, _), write_s = _timed(loaded, lambda: store.put(packed, meta, quant=quant))
     full = CompressedCache(pack(run, run.keep_all()), device=loaded.device, kernel=kernel)
     compressed, load_s = _timed(
-        loaded, lambda: CompressedCache(store.load(record.id, loaded.fingerprint), device=loaded.device, kernel=kernel)
+        loaded,
+        lambda: CompressedCache.from_store(store, record.id, loaded, kernel),
     )
     _, first_stored = _timed(loaded, lambda: _first_token(loaded, compressed, question_ids))
     _, first_again = _timed(loaded, lambda: _reprefill_first_token(loaded, frame.context_ids(document), question_ids))

@@ -107,7 +107,7 @@ def _store_cut(
 
 
 def _answer(loaded: LoadedModel, compressed: CompressedKV, question: str, max_new_tokens: int) -> tuple[str, float]:
-    cache = CompressedCache(compressed, device=loaded.device)
+    cache = CompressedCache.for_model(compressed, loaded)
     start = time.perf_counter()
     answer = answer_many(loaded, cache, [question], GenerationOptions(max_new_tokens=max_new_tokens))[0]
     return str(answer), time.perf_counter() - start

@@ -92,6 +92,18 @@ class CompressedKV:
     def kv_heads(self) -> int:
         return self.layers[0].kv_heads
 
+    def to_dtype(self, dtype: torch.dtype) -> CompressedKV:
+        """The same context with K/V in `dtype` (positions, lengths and channels as they are)."""
+        if self.layers[0].values.dtype == dtype:
+            return self
+        layers = [
+            CompressedLayer(
+                layer.keys.to(dtype), layer.values.to(dtype), layer.lengths, layer.positions, layer.key_channels
+            )
+            for layer in self.layers
+        ]
+        return CompressedKV(layers, self.token_ids, self.prefix_length)
+
     @property
     def kv_shape(self) -> KVShape:
         """Its geometry, its own length as the window: what a blob standing for this context must match."""

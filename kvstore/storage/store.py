@@ -35,7 +35,7 @@ from kvstore.config import Settings, bits_for
 from kvstore.errors import NotFoundError
 from kvstore.kv.shape import KVShape
 from kvstore.storage.backends import Backend, open_backend
-from kvstore.storage.blob import ELEMENT_BYTES, BlobError, BlobHeader, BlobPathError
+from kvstore.storage.blob import ELEMENT_BYTES, BlobError, BlobHeader, BlobPathError, check_dtype
 from kvstore.storage.formats import FORMATS, BlobFormat, format_of, get_format
 from kvstore.storage.identity import bind
 from kvstore.storage.index import KEY_PREFIX, ContextIndex, ContextRecord, unavailable_as
@@ -205,14 +205,17 @@ class ContextStore:
         quant: str = "none",
         backend: Backend | None = None,
         adopt: bool = False,
+        storage_dtype: str = "auto",
     ):
-        """adopt: bind to blobs whose index lost its identity (`kvstore reindex` only)."""
+        """adopt: bind to blobs whose index lost its identity (`kvstore reindex` only);
+        storage_dtype: the K/V dtype blobs are written in ("auto": the dtype they were computed in)."""
         self.home = private_dir(Path(home))
         self.index = index
         self.texts = ContextTexts(index)
         self.blob_format = get_format(blob_format).name
         self.quant = quant
         bits_for(quant)
+        self.storage_dtype = storage_dtype if storage_dtype == "auto" else check_dtype(storage_dtype)
         self.backend = backend or open_backend(None, self.home)
         warn_if_shared(self.home)
         self.identity = bind(index, self.backend, adopt=adopt)
@@ -225,7 +228,9 @@ class ContextStore:
         backend = open_backend(settings.blobs, settings.home)
         index = ContextIndex.open(settings.redis_url, settings.home, prefix)
         try:
-            return cls(settings.home, index, settings.blob_format, settings.quant, backend, adopt)
+            return cls(
+                settings.home, index, settings.blob_format, settings.quant, backend, adopt, settings.storage_dtype
+            )
         except BaseException:
             index.close()
             raise
@@ -251,11 +256,16 @@ class ContextStore:
         """Store a compressed context once; (its record, whether this call created it).
 
         quant / blob_format default to the store's settings ("none" / "safetensors" unless configured).
-        The id does not depend on the blob format: if the context is already stored (in any format)
-        with an intact blob, its existing record is returned.
+        The id depends on neither the blob format nor the storage dtype (the K/V are cast to
+        `storage_dtype` first): if the context is already stored in any of them with an intact
+        blob, its existing record is returned.
         """
         quant = quant or self.quant
         bits_for(quant)
+        if self.storage_dtype != "auto":
+            from kvstore.storage.payload import parse_dtype
+
+            compressed = compressed.to_dtype(parse_dtype(self.storage_dtype))
         fmt = get_format(blob_format or self.blob_format)
         cid = context_id(meta.model_fingerprint, compressed.token_ids, meta.press, quant)
         name = blob_name(cid, fmt.name)
