@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -40,7 +41,10 @@ CASES = [
     (["ingest", str(EXAMPLE), "--ratio", "nan"], {}, "not in [0, 1)"),
     (["submit", ""], {}, "empty path"),
     (["ask", "deadbeefcafe", "   "], {}, "empty question"),
+    (["ask", "deadbeefcafe", ""], {}, "empty question"),
     (["ask", "deadbeefcafe", "q", "--max-new-tokens", "0"], {}, "x<=4096"),
+    (["ask", "deadbeefcafe", "q", "--max-new-tokens", "-3"], {}, "1<=x<=4096"),
+    (["ingest", str(EXAMPLE)], {"KVSTORE_DEVICE": "cuda"}, "CUDA is not available"),
     (["ask", "deadbeefcafe", "q", "--temperature", "nan"], {}, "not a finite number"),
     (["ls", "-n", "0"], {}, "x>=1"),
     (["gc", "--grace", "nan"], {}, "not a finite number"),
@@ -69,6 +73,17 @@ def test_bad_cli_input_is_one_clear_line(args, env, message, store_home: Path, t
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert not (store_home / "blobs").exists() or not any((store_home / "blobs").rglob("*.safetensors"))
+
+
+@pytest.mark.model
+def test_a_question_that_overflows_the_window_is_refused_before_decoding(store_home: Path) -> None:
+    assert CliRunner().invoke(main, ["ingest", str(EXAMPLE)]).exit_code == 0
+    [record] = json.loads(CliRunner().invoke(main, ["ls", "--json"]).output)
+    question = "word " * 8200
+    by_path, by_id = (CliRunner().invoke(main, ["ask", ref, question]) for ref in (str(EXAMPLE), record["id"]))
+    for result in (by_path, by_id):
+        assert "the model's window of 8,192 tokens" in result.output
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
 
 
 UNREACHABLE = ["redis://:s3cret-pass@127.0.0.1:1/0", "redis://127.0.0.1:1/0?password=s3cret-pass"]

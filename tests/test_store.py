@@ -35,6 +35,7 @@ from kvstore.storage.store import (
     record_info,
 )
 from tests.factories import PRESS, random_compressed, save_blob
+from tests.forge import forge, head_length
 from tests.stores import Target, make_meta
 from tests.tiny import tiny_model
 
@@ -190,6 +191,29 @@ def test_blob_swapped_under_a_record_is_detected(store: ContextStore, target: Ta
     target.raw_write(blob_name(record.id, "safetensors"), parts[""])
     with pytest.raises(BlobCorruptError, match="does not match its index record"):
         store.load(record.id)
+
+
+@pytest.mark.parametrize("planted", ["another context's blob", "a crafted blob"])
+def test_a_blob_planted_at_an_ids_address_is_adopted_only_if_it_is_that_content(
+    store: ContextStore, target: Target, planted: str, tmp_path: Path
+) -> None:
+    """Anyone who can write the store can put a blob where a context's id will look (the audit saw doc9's
+    question answered from doc8's planted blob): ingest replaces it unless it proves to be that content."""
+    mine, meta = random_compressed(seed=3), make_meta()
+    cid = context_id(meta.model_fingerprint, mine.token_ids, meta.press, "none")
+    if planted == "a crafted blob":
+        forge(tmp_path / "forged.safetensors", "none", head_length(-5))
+        data = (tmp_path / "forged.safetensors").read_bytes()
+    else:
+        theirs = random_compressed(seed=4)
+        header = BlobHeader.describe(
+            theirs, model="tiny", model_fingerprint="fp-a", tokenizer_fingerprint="tok-a", press=PRESS
+        )
+        data = get_format("safetensors").encode(theirs, header, {})[1][""]
+    target.raw_write(blob_name(cid, "safetensors"), data)
+    record, created = store.put(mine, meta)
+    assert created and record.id == cid
+    assert torch.equal(store.load(cid).layers[1].values, mine.layers[1].values)
 
 
 def test_unreachable_redis_is_a_clear_error(tmp_path: Path) -> None:
