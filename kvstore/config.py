@@ -22,7 +22,7 @@ QUANT_BITS: dict[str, int | None] = {"none": None, "int8": 8, "int4": 4}
 DEFAULT_GROUP_SIZE = 32  # quantization group (rows or channels sharing a scale)
 BLOB_FORMATS = ("safetensors", "zarr")
 # Decode kernels by name (kvstore.decode.kernels registers them; a test checks the two agree).
-DECODE_KERNELS = ("auto", "loop", "fused")
+DECODE_KERNELS = ("auto", "loop", "fused", "masked")
 # Floating types of the model's weights and of the stored K/V ("auto": bfloat16 on CUDA, float32 elsewhere
 # for the model; the model's own for storage). A context moves between them: loads cast as needed.
 DTYPES = ("auto", "float32", "bfloat16", "float16")

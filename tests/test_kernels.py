@@ -51,6 +51,15 @@ def test_fused_kernel_equals_reference(backend: str, groups: int, batch: int, q_
     torch.testing.assert_close(ours, expected, atol=2e-6, rtol=2e-5)
 
 
+@pytest.mark.parametrize("name", sorted(set(KERNELS) - {"loop"}))
+@pytest.mark.parametrize("groups", [1, 4, 8])
+@pytest.mark.parametrize(("batch", "q_len"), [(1, 1), (8, 1), (1, 5), (8, 5)])
+@pytest.mark.parametrize("channels", [None, 11])
+def test_every_kernel_equals_reference(name: str, groups: int, batch: int, q_len: int, channels: int | None) -> None:
+    case = _case(groups, batch, q_len, channels, seed=groups * 100 + batch * 10 + q_len + 1)
+    torch.testing.assert_close(KERNELS[name](*case, 0.3), ragged_attention(*case, 0.3), atol=2e-6, rtol=2e-5)
+
+
 def test_every_registered_kernel_equals_reference_with_transformers_mask_forms() -> None:
     """None (causal implied) and an additive float mask give what the boolean mask gives."""
     query, prefix, suffix_keys, suffix_values, mask = _case(4, 8, 3, None, seed=9)
@@ -97,7 +106,8 @@ def test_auto_picks_per_device_and_shape_and_names_match_the_settings() -> None:
     assert set(DECODE_KERNELS) == {AUTO, *KERNELS}
     cuda, cpu = torch.device("cuda:1"), torch.device("cpu")
     assert choose_kernel(cuda, 3) == choose_kernel(cuda, 256) == "fused"
-    assert choose_kernel(cpu, 3) == "loop"  # one question on CPU: the loop's matmuls use every core
+    assert choose_kernel(cpu, 3, kv_heads=8) == "loop"  # one question on CPU, many heads: per-head matmuls
+    assert choose_kernel(cpu, 3, kv_heads=3) == "masked"  # few heads: one masked matmul per layer
     assert choose_kernel(cpu, 32) == "fused"  # a batch, or the question's own tokens
     assert get_kernel(AUTO) is auto_attention and get_kernel("loop") is KERNELS["loop"]
     for groups, batch in ((1, 1), (8, 8)):

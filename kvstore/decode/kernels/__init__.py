@@ -3,9 +3,9 @@
 A kernel is a function `(query, prefix, suffix_keys, suffix_values, attention_mask, scaling) -> output`
 (shapes in `kvstore.decode.kernels.loop.ragged_attention`), chosen by name: "loop" (the reference,
 one small attention per KV head), "fused" (the layer's prefix in one varlen call on CUDA, plus
-one call for the suffix) or "auto", which picks one of them per call by what measured faster
-(`choose_kernel`). Adding one is one new module plus one line here (and its name in
-`kvstore.config.DECODE_KERNELS`).
+one call for the suffix), "masked" (the whole packed prefix in one matmul, other heads' rows
+masked) or "auto", which picks one of them per call by what measured faster (`choose_kernel`).
+Adding one is one new module plus one line here (and its name in `kvstore.config.DECODE_KERNELS`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ import torch
 
 from kvstore.decode.kernels.fused import fused_attention
 from kvstore.decode.kernels.loop import ragged_attention
+from kvstore.decode.kernels.masked import masked_attention
 from kvstore.decode.prefix import RaggedPrefix
 from kvstore.errors import InputError
 
 Kernel = Callable[[torch.Tensor, RaggedPrefix, torch.Tensor, torch.Tensor, torch.Tensor | None, float], torch.Tensor]
 
-KERNELS: dict[str, Kernel] = {"loop": ragged_attention, "fused": fused_attention}
+KERNELS: dict[str, Kernel] = {"loop": ragged_attention, "fused": fused_attention, "masked": masked_attention}
 AUTO = "auto"
 DEFAULT_KERNEL = AUTO
 # On CPU the fused kernel's per-head op runs a head's few query rows on one core, where the loop's
@@ -29,12 +30,16 @@ DEFAULT_KERNEL = AUTO
 # measured faster on CPU, with more (batches, the question's own step) the fused kernel
 # (docs/BENCHMARKS.md, decode kernels).
 CPU_FUSED_MIN_ROWS = 8
+# Below CPU_FUSED_MIN_ROWS, a model with at most this many KV heads decodes faster through the masked
+# kernel (a few ops per layer, kv_heads times the score arithmetic) than through the loop (several
+# ops per head); with more heads the extra arithmetic costs more than the ops it saves.
+CPU_MASKED_MAX_KV_HEADS = 4
 
 
-def choose_kernel(device: torch.device, rows_per_kv_head: int) -> str:
+def choose_kernel(device: torch.device, rows_per_kv_head: int, kv_heads: int = 1) -> str:
     """What "auto" runs for `rows_per_kv_head` query rows (batch x GQA group x new tokens) on `device`."""
     if device.type == "cpu" and rows_per_kv_head < CPU_FUSED_MIN_ROWS:
-        return "loop"
+        return "masked" if kv_heads <= CPU_MASKED_MAX_KV_HEADS else "loop"
     return "fused"
 
 
@@ -48,7 +53,7 @@ def auto_attention(
 ) -> torch.Tensor:
     """The kernel `choose_kernel` picks for this call's shape and device."""
     batch, q_heads, q_len, _ = query.shape
-    chosen = choose_kernel(query.device, batch * (q_heads // prefix.kv_heads) * q_len)
+    chosen = choose_kernel(query.device, batch * (q_heads // prefix.kv_heads) * q_len, prefix.kv_heads)
     return KERNELS[chosen](query, prefix, suffix_keys, suffix_values, attention_mask, scaling)
 
 
