@@ -51,6 +51,12 @@ def checksum(header: BlobHeader, tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def sealed(compressed: CompressedKV, header: BlobHeader) -> tuple[BlobHeader, dict[str, torch.Tensor]]:
+    """A context's tensors as the header says, and the header with their checksum filled in."""
+    tensors = payload(compressed, header)
+    return replace(header, checksum=checksum(header, tensors)), tensors
+
+
 def _owned(tensor: torch.Tensor) -> torch.Tensor:
     # A private CPU copy: safetensors refuses tensors that share storage (e.g. a loaded blob's views).
     return tensor.detach().to("cpu", copy=True).contiguous()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -92,10 +92,9 @@ class SafetensorsFormat:
     def encode(
         self, compressed: CompressedKV, header: BlobHeader, record: dict[str, Any]
     ) -> tuple[BlobHeader, dict[str, bytes]]:
-        from kvstore.storage.payload import checksum, payload
+        from kvstore.storage.payload import sealed
 
-        tensors = payload(compressed, header)
-        header = replace(header, checksum=checksum(header, tensors))
+        header, tensors = sealed(compressed, header)
         return header, self.pack(tensors, header, record)
 
     def pack(self, tensors: dict[str, torch.Tensor], header: BlobHeader, record: dict[str, Any]) -> dict[str, bytes]:

@@ -10,7 +10,7 @@ imported on first use.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -69,10 +69,9 @@ class ZarrFormat:
     def encode(
         self, compressed: CompressedKV, header: BlobHeader, record: dict[str, Any]
     ) -> tuple[BlobHeader, dict[str, bytes]]:
-        from kvstore.storage.payload import checksum, payload
+        from kvstore.storage.payload import sealed
 
-        tensors = payload(compressed, header)
-        header = replace(header, checksum=checksum(header, tensors))
+        header, tensors = sealed(compressed, header)
         return header, self.pack(tensors, header, record)
 
     def pack(self, tensors: dict[str, torch.Tensor], header: BlobHeader, record: dict[str, Any]) -> dict[str, bytes]:
