@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config
 
 from kvstore.compress import compress
+from kvstore.config import Settings
 from kvstore.decode.blend import blend, later_segments_start
 from kvstore.decode.cache import CompressedCache
 from kvstore.decode.compose import compose
@@ -15,6 +18,8 @@ from kvstore.engine.rotary import PositionError, check_rotary
 from kvstore.errors import InputError
 from kvstore.kv.compressed import CompressedKV, CompressedLayer
 from kvstore.presses import NoPress, parse_press_spec
+from kvstore.presses.base import Press
+from kvstore.storage.store import ContextMeta, ContextStore
 from kvstore.text.prompt import encode
 from tests.tiny import sample_text, tiny_model, tiny_tokenizer
 
@@ -140,6 +145,45 @@ def test_think_pruned_contexts_compose_exactly() -> None:
         rtol=1e-4,
     )
     assert composed.kept_pairs == plain.kept_pairs
+
+
+# Relative error (norm) of the question's logits allowed per stored quantization: measured about 1e-3
+# (int8) and 2e-2 (int4) on these tiny models; "none" round-trips float32 exactly.
+QUANT_TOLERANCE = {"none": 0.0, "int8": 5e-3, "int4": 5e-2}
+
+
+@pytest.fixture(scope="module")
+def think_and_kvzip_parts() -> tuple[LoadedModel, list[Press], list[CompressedKV]]:
+    """Three compressed contexts of one tiny model, the second ThinK-pruned (built once for the module)."""
+    loaded = tiny_model("qwen3", seed=13)
+    presses = [parse_press_spec(spec) for spec in ("kvzip:0.5", "kvzip:0.5+think:0.5", "kvzip:0.6")]
+    return loaded, presses, [compress(loaded, d, press) for d, press in zip(_documents(), presses, strict=True)]
+
+
+@pytest.mark.parametrize("quant", list(QUANT_TOLERANCE))
+def test_quantized_stored_contexts_compose_close_to_the_unquantized_composition(
+    quant: str, tmp_path: Path, think_and_kvzip_parts: tuple[LoadedModel, list[Press], list[CompressedKV]]
+) -> None:
+    """Stored quantized (one ThinK-pruned too), loaded back through the store (dequantized), then composed."""
+    loaded, presses, parts = think_and_kvzip_parts
+    with ContextStore.open(Settings(home=tmp_path, redis_url=None)) as store:
+        records = [
+            store.put(p, ContextMeta.for_model(loaded, press.params()), quant=quant)[0]
+            for p, press in zip(parts, presses, strict=True)
+        ]
+        assert {r.quant for r in records} == {quant}
+        stored = [store.load(r.id, loaded.fingerprint, loaded.kv_shape) for r in records]
+    assert stored[1].layers[0].key_channels is not None  # still ThinK-pruned after the round trip
+    composed, plain = compose(loaded, stored), compose(loaded, parts)
+    for ours_layer, plain_layer in zip(composed.layers, plain.layers, strict=True):
+        assert torch.equal(ours_layer.lengths, plain_layer.lengths)
+        assert torch.equal(ours_layer.positions, plain_layer.positions)
+    length = plain.original_length
+    ours = _question_logits(loaded, CompressedCache(composed), length)
+    expected = _question_logits(loaded, CompressedCache(plain), length)
+    error = float((ours - expected).norm() / expected.norm())
+    assert error <= QUANT_TOLERANCE[quant], f"{quant}: relative logit error {error:.2e}"
+    assert quant == "none" or error > 0  # the blobs really were quantized
 
 
 def test_one_context_composes_to_itself_and_positions_continue() -> None:
