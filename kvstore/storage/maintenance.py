@@ -5,7 +5,11 @@ gc never guesses with live data. It runs only on a store whose blobs and index s
 id (so never a blob or temp file a live writer holds, however young), and deletes a blob with a
 valid header only when the blob names this index as its owner and this index has no record of it
 (or when asked to: `orphans=True`, `kvstore gc --orphans --yes`). Damaged blobs, temp files and
-interrupted puts go once they are older than the grace period and no writer holds them.
+interrupted puts go once they are older than the grace period and no writer holds them. Search
+texts without a record (left by an ingest that failed or died between its text and its record) go
+under the text's own lease, which a writer holds from the text's write until its record commits
+(`kvstore.storage.texts`): Redis keeps no age for a key, so the lease alone protects an ingest in
+progress.
 
 reindex rebuilds lost records from the blobs' headers and record info; each blob must prove it is
 its name's content (the id recomputed from its token ids, fingerprint, press and quantization).
@@ -32,8 +36,9 @@ class GcReport:
     temp_files: list[str] = field(default_factory=list)  # leftovers of interrupted writes
     damaged_blobs: list[str] = field(default_factory=list)  # blobs whose header cannot be read
     stale_records: list[str] = field(default_factory=list)  # records whose blob is gone
+    orphan_texts: list[str] = field(default_factory=list)  # ids whose search text outlived (or never got) a record
     links: list[str] = field(default_factory=list)  # symbolic links where blobs belong: unlinked, never followed
-    kept: list[str] = field(default_factory=list)  # "name: why" for blobs left in place
+    kept: list[str] = field(default_factory=list)  # "name: why" for blobs and texts left in place
     freed_bytes: int = 0
 
 
@@ -45,9 +50,11 @@ class ReindexReport:
 
 
 def gc(store: ContextStore, grace_s: float = DEFAULT_GC_GRACE_S, orphans: bool = False) -> GcReport:
-    """Remove records whose blob is gone, then orphans, damaged blobs and temp entries (see the module doc)."""
+    """Remove records whose blob is gone, texts without a record, then orphans, damaged blobs and temp
+    entries (see the module doc)."""
     report = GcReport()
     referenced = _drop_stale_records(store, report)
+    _drop_orphan_texts(store, report)
     now = time.time()
     for entry in list(store.backend.list()):
         if entry.name in referenced or now - entry.mtime < grace_s:
@@ -87,9 +94,24 @@ def _drop_stale_records(store: ContextStore, report: GcReport) -> set[str]:
             continue
         with lease:
             if not store.backend.exists(name) and store.index.delete(record.id, if_created=record.created):
-                store.texts.delete(record.id)
                 report.stale_records.append(record.id)
     return referenced
+
+
+def _drop_orphan_texts(store: ContextStore, report: GcReport) -> None:
+    """Delete search texts whose id has no record, each under its text's lease (never a writer's)."""
+    recorded = set(store.index.ids())
+    for cid in store.texts.ids():
+        if cid in recorded:
+            continue
+        lease = store.texts.lease(cid)
+        if not lease.acquire():
+            report.kept.append(f"text {cid[:12]}: a writer holds it")
+            continue
+        with lease:
+            if store.index.get(cid) is None:  # not committed since the listing
+                store.texts.delete(cid)
+                report.orphan_texts.append(cid)
 
 
 def _collect(store: ContextStore, entry: Entry, parsed: tuple[str, str], orphans: bool, report: GcReport) -> None:
