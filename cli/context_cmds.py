@@ -7,10 +7,12 @@ reindex): they import no torch and load no model. ask loads the model when it ha
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from cli.console import make_console
@@ -30,7 +32,7 @@ from cli.options import (
 from kvstore.config import Settings
 
 if TYPE_CHECKING:
-    from kvstore.client import KVStore
+    from kvstore.decode.answer import Source
     from kvstore.storage.index import ContextRecord
     from kvstore.storage.store import ContextStore
 
@@ -157,10 +159,13 @@ def _record_table(r: ContextRecord) -> Table:
     return table
 
 
-def _sources(kv: KVStore, ids: tuple[str, ...]) -> str:
-    records = [kv.store.require(i) for i in ids]
+def _cited(sources: Sequence[Source]) -> str:
+    """The contexts an answer came from, for people: document, part, and BM25 score when retrieved."""
     return "; ".join(
-        f"{r.source or r.id[:12]}" + (f" part {r.part + 1}/{r.parts}" if r.parts > 1 else "") for r in records
+        escape(s.source or s.id[:12])
+        + (f" part {s.part + 1}/{s.parts}" if s.parts > 1 else "")
+        + (f" (bm25 {s.score:.2f})" if s.score is not None else "")
+        for s in sources
     )
 
 
@@ -209,7 +214,8 @@ def ask(
     (-c REF ...) are composed into one prompt and answered once; a document stored in several
     parts is composed too, keeping the parts most relevant to the question when they do not all
     fit the window. With --retrieve K there is no REF: the store is searched first. One question
-    streams its answer; several are decoded as one batch. The contexts used are printed.
+    streams its answer; several are decoded as one batch. The contexts used are printed (documents,
+    parts, and BM25 scores when retrieved).
 
     \b
     Examples:
@@ -233,7 +239,7 @@ def ask(
             answers = [kv.retrieve_and_ask(q, retrieve, options) for q in questions]
         elif len(questions) == 1 and not as_json:
             context = kv.prepare(refs, questions, options)
-            console.print(f"[dim]{_sources(kv, context.ids)}[/]")
+            console.print(f"[dim]{_cited(context.sources)}[/]")
             for piece in context.stream(questions[0], options):
                 console.out(piece, end="", highlight=False)
             console.out("")
@@ -241,23 +247,16 @@ def ask(
         else:
             answers = kv.ask_many(refs, questions, options)
         if as_json:
-            print_json(
-                [
-                    {
-                        "question": q,
-                        "answer": str(a),
-                        "contexts": list(a.contexts),
-                        "prompt_tokens": a.prompt_tokens,
-                        "completion_tokens": a.completion_tokens,
-                        "finish_reason": a.finish_reason,
-                    }
-                    for q, a in zip(questions, answers, strict=True)
-                ]
-            )
+            print_json([_reply(q, a.to_dict()) for q, a in zip(questions, answers, strict=True)])
             return
         for question, answer in zip(questions, answers, strict=True):
-            console.print(f"[dim]{_sources(kv, answer.contexts)}[/] [bold]{question}[/]")
+            console.print(f"[dim]{_cited(answer.sources)}[/] [bold]{escape(question)}[/]")
             console.out(answer, highlight=False)
+
+
+def _reply(question: str, answer: dict[str, Any]) -> dict[str, Any]:
+    """One --json entry: the question, then the answer's fields (`Answer.to_dict`, its text as "answer")."""
+    return {"question": question, "answer": answer.pop("text"), **answer}
 
 
 @click.command()
@@ -280,7 +279,7 @@ def search(question: str, limit: int, as_json: bool, settings: Settings) -> None
     with open_store(settings) as store:
         hits = ContextSearch(store).search(question, limit, where=lambda r: r.model == settings.model)
     if as_json:
-        print_json([{"id": h.id, "source": h.source, "part": h.part, "parts": h.parts, "score": h.score} for h in hits])
+        print_json([h.to_dict() for h in hits])
         return
     table = Table(title=f"{len(hits)} contexts for {question!r}")
     for column in ("id", "source", "part", "score"):

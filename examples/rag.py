@@ -22,12 +22,12 @@ def main() -> None:
     with KVStore() as kv:
         if args.ingest:
             kv.ingest_files(args.ingest)
-        hits = kv.search(args.question, k=args.top)  # BM25 over the stored texts: no blob read
-        answer = kv.retrieve_and_ask(args.question, k=args.top)  # those that fit, composed: one answer
+        answer = kv.retrieve_and_ask(args.question, k=args.top)  # BM25 search, compose what fits, one answer
         print(answer)
-        for hit in hits:
-            used = "used" if hit.id in answer.contexts else "did not fit"
-            print(f"  [{hit.source or hit.id[:12]} part {hit.part + 1}/{hit.parts}, bm25 {hit.score:.2f}, {used}]")
+        for source in answer.sources:  # the contexts used, in prompt order
+            print(
+                f"  [{source.source or source.id[:12]} part {source.part + 1}/{source.parts}, bm25 {source.score:.2f}]"
+            )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Any
 from transformers import GenerationConfig
 
 from kvstore.config import Settings
+from kvstore.decode.answer import Source
 from kvstore.decode.cache import CompressedCache
 from kvstore.decode.compose import compose
 from kvstore.decode.generation import GREEDY, Answer, GenerationOptions, answer_many, stream_answer
@@ -56,10 +57,20 @@ class LoadedContext:
     record: ContextRecord  # the (first) context's record
     loaded: LoadedModel
     cache: CompressedCache
-    ids: tuple[str, ...] = ()  # every context in the prompt, in order (default: just `record`)
+    records: tuple[ContextRecord, ...] = ()  # every context in the prompt, in order (default: just `record`)
 
     def __post_init__(self) -> None:
-        self.ids = self.ids or (self.record.id,)
+        self.records = self.records or (self.record,)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """Ids of the contexts in the prompt, in order."""
+        return tuple(r.id for r in self.records)
+
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        """The contexts in the prompt as an answer cites them: document and part."""
+        return tuple(Source(r.id, r.source, r.part, r.parts) for r in self.records)
 
     def ask(self, question: str, options: Options = None, **generation: Any) -> Answer:
         """One answer, decoded against the compressed prefix (greedy unless options say otherwise)."""
@@ -68,7 +79,8 @@ class LoadedContext:
     def ask_many(self, questions: list[str], options: Options = None, **generation: Any) -> list[Answer]:
         """All questions decoded as one batch against the shared compressed prefix."""
         chosen = generation_options(options, **generation)
-        return answer_many(self.loaded, self.cache, questions, chosen, contexts=self.ids)
+        answers = answer_many(self.loaded, self.cache, questions, chosen, contexts=self.ids)
+        return [answer.cited(self.sources) for answer in answers]
 
     def stream(self, question: str, options: Options = None, **generation: Any) -> Iterator[str]:
         """The answer's text, piece by piece as it is decoded."""
@@ -231,9 +243,8 @@ class KVStore:
         parts = [self.context(r) for r in records]
         loaded = parts[0].loaded
         composed = compose(loaded, [p.cache.compressed for p in parts], reserve)
-        context = LoadedContext(
-            records[0], loaded, CompressedCache.for_model(composed, loaded, self.settings.kernel), key
-        )
+        cache = CompressedCache.for_model(composed, loaded, self.settings.kernel)
+        context = LoadedContext(records[0], loaded, cache, tuple(records))
         self._compositions[key] = context
         while len(self._compositions) > max(1, self.max_contexts // 2):
             self._compositions.popitem(last=False)
@@ -313,27 +324,31 @@ class KVStore:
 
     def prepare_retrieved(self, question: str, k: int = 4, options: Options = None) -> LoadedContext:
         """The top-`k` contexts for `question` that fit the window together, composed in rank order."""
+        return self._retrieved(question, k, generation_options(options))[0]
+
+    def _retrieved(self, question: str, k: int, options: GenerationOptions) -> tuple[LoadedContext, list[SearchHit]]:
+        """`prepare_retrieved`'s context, and the hits it composes (in rank order, as in the prompt)."""
         hits = self.search(question, k)
         if not hits:
             raise ContextNotFoundError("no stored context of this model matches the question: ingest documents first")
-        chosen = generation_options(options)
-        reserve = len(self.model().frame.question_ids(question)) + chosen.max_new_tokens
+        reserve = len(self.model().frame.question_ids(question)) + options.max_new_tokens
         window = self._window(hits[0].record)
-        used: list[ContextRecord] = []
+        used: list[SearchHit] = []
         for hit in hits:
-            if composed_tokens([*used, hit.record]) + reserve <= window:
-                used.append(hit.record)
+            if composed_tokens([*(h.record for h in used), hit.record]) + reserve <= window:
+                used.append(hit)
         if not used:
             raise PositionError(f"no retrieved context fits the model's window of {window:,} tokens with the question")
-        return self._composed(used, reserve)
+        return self._composed([h.record for h in used], reserve), used
 
     def retrieve_and_ask(self, question: str, k: int = 4, options: Options = None, **generation: Any) -> Answer:
         """RAG in one call: the top-`k` contexts that fit the window, composed in rank order, one answer.
 
-        `answer.contexts` names the contexts used; `search` gives their sources and scores.
+        `answer.sources` cites the contexts used, in prompt order: id, document, part and BM25 score.
         """
         chosen = generation_options(options, **generation)
-        return self.prepare_retrieved(question, k, chosen).ask_many([question], chosen)[0]
+        context, used = self._retrieved(question, k, chosen)
+        return context.ask_many([question], chosen)[0].cited(used)
 
 
 def composed_tokens(records: list[ContextRecord]) -> int:

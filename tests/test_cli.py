@@ -11,6 +11,7 @@ from click.testing import CliRunner, Result
 
 from cli.main import main
 from kvstore.storage.store import ContextStore
+from tests.tiny import sample_text
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "docs"
 
@@ -139,6 +140,41 @@ def test_the_readme_snippet_and_the_cli_store_a_file_under_one_id(
     ingested = run("ingest", str(doc), "--model", str(tiny_dir))
     assert ingested.exit_code == 0, ingested.output
     assert stored_ids() == [part.record.id]
+
+
+def test_ask_a_long_document_answers_once_from_its_most_relevant_parts(
+    store_home: Path, tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tmp_path / "tiny-640"  # the tiny model with a 640-token window: a few hundred words split into parts
+    shutil.copytree(tiny_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 640}))
+    paragraphs = [sample_text(60, seed=20 + i) for i in range(6)]
+    paragraphs[3] += " The lighthouse keeper is called Zebulon."
+    monkeypatch.chdir(tmp_path)  # sources are paths as typed: a short one keeps the printed line short
+    Path("long.txt").write_text("\n\n".join(paragraphs))
+    assert run("ingest", "long.txt", "--model", str(model), "--ratio", "0.5").exit_code == 0
+    parts = len(stored_ids())
+    ask = ["ask", "long.txt", "Who is the lighthouse keeper Zebulon?", "--model", str(model), "--max-new-tokens", "4"]
+
+    [reply] = json.loads(run(*ask, "--json").output)  # one answer, from the parts that fit the window
+    used = reply["sources"]
+    assert 0 < len(used) < parts and [s["id"] for s in used] == reply["contexts"]
+    assert all(s["source"] == "long.txt" and s["parts"] == parts for s in used)
+    assert [s["part"] for s in used] == sorted(s["part"] for s in used)  # in document order
+
+    printed = run(*ask)
+    assert printed.exit_code == 0
+    named, answer = printed.output.rstrip("\n").split("\n", 1)  # the parts used, then the streamed answer
+    assert named == "; ".join(f"long.txt part {s['part'] + 1}/{parts}" for s in used)
+    assert answer.strip() == reply["answer"] and "long.txt" not in answer
+
+    retrieve = ["ask", "--retrieve", "2", "Zebulon?", "--model", str(model), "--max-new-tokens", "4"]
+    [found] = json.loads(run(*retrieve, "--json").output)  # the sources come with their BM25 scores
+    [best, *_] = found["sources"]
+    assert best["source"] == "long.txt" and best["score"] > 0
+    cited = run(*retrieve).output.split("\n", 1)[0]
+    assert cited.startswith(f"long.txt part {best['part'] + 1}/{parts} (bm25 {best['score']:.2f})")
 
 
 def test_ask_unknown_context_is_a_clear_error(store_home: Path) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from kvstore import KVStore
+from kvstore import KVStore, search
+from kvstore.decode.answer import Answer, Source
 from kvstore.decode.cache import CompressedCache
 from kvstore.decode.compose import compose
 from kvstore.decode.generation import GenerationOptions, answer_many
@@ -22,6 +24,15 @@ def kv(store_home: Path):
     with KVStore(model="tiny-llama", press="kvzip", ratio=0.5) as client:
         client._models["tiny-llama"] = tiny_model("llama", seed=7)  # the test's model, as if loaded by name
         yield client
+
+
+@pytest.fixture
+def builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the BM25 indexes built while the test runs."""
+    built: list[int] = []
+    original = search._indexed
+    monkeypatch.setattr(search, "_indexed", lambda texts: built.append(len(texts)) or original(texts))
+    return built
 
 
 def _ingest(kv: KVStore, texts: list[str]) -> list[str]:
@@ -66,7 +77,9 @@ def test_bad_lists_of_refs_are_refused_with_one_clear_error(kv: KVStore) -> None
     assert len(kv.store.list()) == 3  # nothing was stored or changed by the refusals
 
 
-def test_a_long_document_keeps_the_parts_relevant_to_the_question(kv: KVStore, tmp_path: Path) -> None:
+def test_a_long_document_keeps_the_parts_relevant_to_the_question(
+    kv: KVStore, tmp_path: Path, builds: list[int]
+) -> None:
     config = kv.model().model.config
     window, config.max_position_embeddings = config.max_position_embeddings, 640
     try:
@@ -76,12 +89,16 @@ def test_a_long_document_keeps_the_parts_relevant_to_the_question(kv: KVStore, t
         doc.write_text("\n\n".join(paragraphs))
         parts = kv.ingest_files([doc])
         assert len(parts) > 2
+        _ingest(kv, [sample_text(40, seed=s) for s in (1, 2)])  # other documents share the store's index
+        assert kv.search("lighthouse keeper", k=2) and builds == [len(parts) + 2]
         answer = kv.ask(str(doc), "Who is the lighthouse keeper Zebulon?", OPTIONS)
         used = [kv.store.require(i) for i in answer.contexts]
         assert 0 < len(used) < len(parts)  # not everything fits: the most relevant parts were kept
         assert any("Zebulon" in kv.searcher.text(r.id) for r in used)
         assert [r.part for r in used] == sorted(r.part for r in used)  # in document order
         assert answer.prompt_tokens + OPTIONS.max_new_tokens <= 640
+        assert answer.sources == tuple(Source(r.id, str(doc), r.part, len(parts)) for r in used)
+        assert kv.search("lighthouse keeper", k=2) and builds == [len(parts) + 2]  # selection kept the index
     finally:
         config.max_position_embeddings = window
 
@@ -100,6 +117,31 @@ def test_search_ranks_parts_without_reading_blobs_and_retrieval_answers_once(
     monkeypatch.undo()
     answer = kv.retrieve_and_ask("Which city keeps the archive, Quillport?", k=2, options=OPTIONS)
     assert answer.contexts[0] == ids[2] and set(answer.contexts) <= {h.id for h in hits}
+    by_id = {h.id: h for h in hits}
+    assert [(s.id, s.source, s.part, s.parts, s.score) for s in answer.sources] == [
+        (i, by_id[i].source, 0, 1, by_id[i].score) for i in answer.contexts
+    ]
+    sent = json.loads(json.dumps(answer.to_dict()))  # JSON-safe: how a worker or a script hands it on
+    assert sent["sources"][0] == {"id": ids[2], "source": "doc2.txt", "part": 0, "parts": 1, "score": hits[0].score}
+    assert Answer.from_dict(sent).sources == tuple(Source(**s.to_dict()) for s in answer.sources)
     kv.store.delete(ids[2])
     assert all(h.id != ids[2] for h in kv.search("Quillport archive", k=4))  # deleted: its text is gone too
     assert kv.store.texts.get_many([ids[2]]) == {}
+
+
+@pytest.mark.parametrize("many", [0, search.MANY], ids=["listing", "per-id"])  # how new records are read
+def test_the_search_index_is_rebuilt_only_when_the_stored_ids_change(
+    kv: KVStore, builds: list[int], many: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(search, "MANY", many)
+    a, b, c = _ingest(kv, [sample_text(30, seed=s) + " Quillport" for s in (40, 41, 42)])
+    kv.store.texts.delete(b)  # as if reindexed from its blob: a record without a text
+    ranked = [h.id for h in kv.search("Quillport", k=3)]
+    assert sorted(ranked) == sorted([a, c]) and builds == [2]
+    assert [h.id for h in kv.searcher.search("Quillport", k=3, where=lambda r: r.id == c)] == [c]
+    assert kv.searcher.search("Quillport", where=lambda r: False) == []
+    assert [h.id for h in kv.search("Quillport", k=3)] == ranked and builds == [2]  # no rebuild for a filter
+    [d] = _ingest(kv, [sample_text(30, seed=43)])
+    assert [h.id for h in kv.search("Quillport", k=4)] == ranked and builds == [2, 3]
+    kv.store.delete(d)
+    assert [h.id for h in kv.search("Quillport", k=4)] == ranked and builds == [2, 3, 2]
