@@ -75,7 +75,8 @@ def serve(
     """Serve stored contexts over HTTP with an OpenAI-compatible chat-completions API.
 
     Any OpenAI client works: name the stored contexts with the extension field "contexts" (ids or
-    id prefixes, composed in that order) or "retrieve": {"k": 4}; the question is the user message.
+    id prefixes, composed in that order) or "retrieve": {"k": 4}; the question is the last user
+    message (system messages and earlier turns are folded in before it as plain text).
     Also: GET /v1/models, GET/POST /v1/contexts, GET/DELETE /v1/contexts/{id}, GET /healthz.
     Binding anywhere but the loopback needs an API key (KVSTORE_API_KEY, sent as a Bearer token).
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,8 @@ from tests.tiny import sample_text
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-0123456789"
+BODY_LIMIT = 50 * 2**10  # the module's server: request bodies (`--max-request-mb`)
+DOCUMENT_LIMIT = 10 * 2**10  # and documents (KVSTORE_MAX_DOCUMENT_MB)
 
 
 def _free_port() -> int:
@@ -75,7 +79,8 @@ def stop_server(server: Server) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("served-store")
-    running = start_server(home, str(tiny_dir), "--max-request-mb", "0.05")
+    limits = {"KVSTORE_MAX_DOCUMENT_MB": str(DOCUMENT_LIMIT / 2**20)}
+    running = start_server(home, str(tiny_dir), "--max-request-mb", str(BODY_LIMIT / 2**20), env=limits)
     yield running
     stop_server(running)
 
@@ -98,9 +103,9 @@ def local(server: Server, ids: list[str]) -> Iterator[KVStore]:
         yield kv
 
 
-def _ask(server: Server, question: str, **extra: object) -> openai.types.chat.ChatCompletion:
+def _ask(server: Server, question: str, max_tokens: int = 8, **extra: object) -> openai.types.chat.ChatCompletion:
     return server.client().chat.completions.create(
-        model=server.model, messages=[{"role": "user", "content": question}], max_tokens=8, extra_body=extra
+        model=server.model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, extra_body=extra
     )
 
 
@@ -193,6 +198,216 @@ def test_models_contexts_and_health_endpoints(server: Server, ids: list[str]) ->
         assert http.post("/v1/contexts", json={"text": ""}).status_code == 400  # nothing stored
         assert {c["id"] for c in http.get("/v1/contexts").json()["data"]} == listed
     assert httpx.get(f"{server.url}/v1/models").status_code == 401  # no key
+
+
+def _stream(server: Server, question: str, contexts: list[str], **params: object) -> tuple[str, str | None]:
+    """A streamed completion's joined text and final finish_reason."""
+    chunks = list(
+        server.client().chat.completions.create(
+            model=server.model,
+            messages=[{"role": "user", "content": question}],
+            stream=True,
+            extra_body={"contexts": contexts},
+            **params,
+        )
+    )
+    return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
+
+
+def test_a_stop_string_ends_the_answer_before_it_streamed_or_not(server: Server, ids: list[str]) -> None:
+    full = _ask(server, "the vault", max_tokens=16, contexts=[ids[0]]).choices[0].message.content
+    word = re.search(r"[A-Za-z]{3,}", full)
+    assert word, f"no word in {full!r} to stop at"
+    stop = word.group()
+    expected = full[: full.find(stop)].strip()
+    stops = [stop, "never-generated"]
+    stopped = server.client().chat.completions.create(
+        model=server.model,
+        messages=[{"role": "user", "content": "the vault"}],
+        max_tokens=16,
+        stop=stops,
+        extra_body={"contexts": [ids[0]]},
+    )
+    assert stopped.choices[0].message.content == expected and stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens < 16  # decoding ended at the stop string
+    assert _stream(server, "the vault", [ids[0]], max_tokens=16, stop=stops) == (expected, "stop")
+    assert _stream(server, "the vault", [ids[0]], max_tokens=16, stop=stop) == (expected, "stop")  # a bare string
+
+
+def test_sampling_repeats_with_a_seed_and_temperature_zero_is_greedy(
+    server: Server, ids: list[str], local: KVStore
+) -> None:
+    def ask(**params: object) -> str:
+        return (
+            server.client()
+            .chat.completions.create(
+                model=server.model,
+                messages=[{"role": "user", "content": "users"}],
+                max_tokens=8,
+                extra_body={"contexts": [ids[1]]},
+                **params,
+            )
+            .choices[0]
+            .message.content
+        )
+
+    sampled = ask(temperature=1.0, seed=7)
+    assert sampled == local.ask(ids[1], "users", max_new_tokens=8, temperature=1.0, seed=7)
+    with ThreadPoolExecutor(4) as pool:  # asked together: each still decodes as if alone
+        together = list(pool.map(lambda _: ask(temperature=1.0, seed=7), range(4)))
+    assert together == [sampled] * 4
+    greedy = local.ask(ids[1], "users", max_new_tokens=8)
+    assert ask(temperature=0) == ask() == greedy
+    assert sampled != greedy  # the temperature was not ignored (a random tiny model samples far from its argmax)
+
+
+def test_system_messages_and_earlier_turns_fold_into_the_question(
+    server: Server, ids: list[str], local: KVStore
+) -> None:
+    messages = [
+        {"role": "system", "content": "  Answer in one word.  "},
+        {"role": "user", "content": "Where is the vault?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Behind the fox."}]},
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "And the passcode?"},
+    ]
+    reply = server.client().chat.completions.create(
+        model=server.model, messages=messages, max_tokens=8, extra_body={"contexts": [ids[0]]}
+    )
+    folded = (
+        "Answer in one word.\n\nBe brief.\n\nUser: Where is the vault?\n\nAssistant: Behind the fox.\n\n"
+        "And the passcode?"
+    )
+    expected = local.ask(ids[0], folded, max_new_tokens=8)
+    assert reply.choices[0].message.content == expected and reply.usage.prompt_tokens == expected.prompt_tokens
+    malformed = {
+        "the last message must be the user's": [*messages, {"role": "assistant", "content": "Done."}],
+        "question .* is empty": [{"role": "user", "content": "  "}],
+        "messages.0.role": [{"role": "tool", "content": "42", "tool_call_id": "call_1"}, messages[-1]],
+        "messages.1.role": [messages[0], {"role": "narrator", "content": "q"}],
+        "messages.0.content": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}
+        ],
+    }
+    for message, bad in malformed.items():
+        with pytest.raises(openai.BadRequestError, match=message) as refused:
+            server.client().chat.completions.create(
+                model=server.model, messages=bad, max_tokens=8, extra_body={"contexts": [ids[0]]}
+            )
+        assert refused.value.body["type"] == "invalid_request_error"
+
+
+def test_a_document_over_the_size_limit_gets_413_and_stores_nothing(server: Server, ids: list[str]) -> None:
+    with server.http() as http:
+        before = http.get("/v1/contexts").json()["data"]
+        too_long = http.post("/v1/contexts", json={"text": "vault " * (DOCUMENT_LIMIT // 6 + 1), "source": "long"})
+        assert too_long.status_code == 413, too_long.text
+        error = too_long.json()["error"]
+        assert error["code"] == "document_too_large" and f"{DOCUMENT_LIMIT:,}-byte limit" in error["message"]
+        assert set(error) == {"message", "type", "param", "code"}
+        too_big = http.post("/v1/contexts", json={"text": "vault " * (BODY_LIMIT // 6 + 1)})
+        assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+        assert http.get("/v1/contexts").json()["data"] == before
+
+
+def test_a_cold_context_loading_does_not_stall_a_running_generation(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cold context's preparation blocks until the hot generation has finished: the hot generation
+    must run to its end meanwhile (before, preparing on the decoding thread, it never could)."""
+    from kvstore.config import Settings
+    from kvstore.decode.generation import GenerationOptions, decode_rows
+    from kvstore.server import engine as engine_module
+    from kvstore.server.engine import Engine, Job
+
+    settings = Settings(home=tmp_path, model=str(tiny_dir), redis_url=None)
+    questions = {"hot": "the vault", "cold": "users"}
+    with KVStore(settings) as kv:
+        refs = {
+            name: kv.ingest_text(sample_text(60, seed=seed))[0].record.id for name, seed in [("hot", 4), ("cold", 5)]
+        }
+        expected = {name: kv.ask(refs[name], questions[name], max_new_tokens=8) for name in refs}
+    cold_loading, hot_done = threading.Event(), threading.Event()
+    hot_ran_during_the_cold_load: list[bool] = []
+
+    class SlowColdContext(KVStore):
+        def prepare(self, refs_: object, questions_: list[str], options: object = None) -> object:
+            if refs_ == [refs["cold"]]:  # a blob read and composition that last as long as the hot generation
+                cold_loading.set()
+                hot_ran_during_the_cold_load.append(hot_done.wait(30))
+            return super().prepare(refs_, questions_, options)
+
+    def hot_steps_once_the_cold_load_began(*args: object) -> Iterator:
+        for rows in decode_rows(*args):
+            if args[2] == [questions["hot"]]:
+                cold_loading.wait(30)  # so the hot generation cannot end before the cold load begins
+            yield rows
+
+    monkeypatch.setattr(engine_module, "decode_rows", hot_steps_once_the_cold_load_began)
+    engine = Engine(lambda: SlowColdContext(settings, resolve_paths=False))
+    engine.start()
+    answers: dict[str, object] = {}
+    finished = {name: threading.Event() for name in refs}
+
+    def on_done(name: str) -> Callable[[object, BaseException | None], None]:
+        def done(answer: object, error: BaseException | None) -> None:
+            answers[name] = answer if error is None else error
+            finished[name].set()
+            if name == "hot":
+                hot_done.set()
+
+        return done
+
+    try:
+        assert engine.ready.wait(120) and engine.error is None
+        for name in ("hot", "cold"):
+            engine.submit(Job(questions[name], GenerationOptions(8), refs=[refs[name]], on_done=on_done(name)))
+        assert finished["hot"].wait(90) and finished["cold"].wait(90)
+    finally:
+        engine.stop()
+        engine.client.close()
+    assert hot_ran_during_the_cold_load == [True]
+    assert answers == expected
+
+
+def test_a_failed_part_rolls_back_the_parts_stored_before_it(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastapi.testclient import TestClient
+
+    import kvstore.ingest
+    from kvstore.config import Settings
+    from kvstore.server.app import create_app
+    from kvstore.storage.blob import BlobError
+    from kvstore.storage.store import ContextStore
+
+    settings = Settings(home=tmp_path, model=str(tiny_dir), redis_url=None)
+    monkeypatch.setattr(kvstore.ingest, "max_document_tokens", lambda loaded: 150)  # a short text in several parts
+    text = "\n\n".join(sample_text(60, seed=i) for i in range(4))
+    put, calls = ContextStore.put, []
+
+    def third_part_fails(self: ContextStore, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 3:
+            raise BlobError("could not store context: no space left on device")
+        return put(self, *args, **kwargs)
+
+    with TestClient(create_app(settings)) as http:
+        for _ in range(600):
+            if http.get("/healthz").status_code == 200:
+                break
+            time.sleep(0.1)
+        with monkeypatch.context() as faults:
+            faults.setattr(ContextStore, "put", third_part_fails)
+            failed = http.post("/v1/contexts", json={"text": text, "source": "long.txt"})
+        assert failed.status_code == 500 and "no space left" in failed.json()["error"]["message"]
+        assert len(calls) == 3
+        with ContextStore.open(settings) as store:
+            assert store.list() == [] and store.texts.ids() == [] and list(store.backend.list()) == []
+        stored = http.post("/v1/contexts", json={"text": text, "source": "long.txt"})
+        assert stored.status_code == 201, stored.text
+        parts = stored.json()["data"]
+        assert len(parts) > 3 and all(p["created"] for p in parts)
 
 
 def test_binding_beyond_the_loopback_needs_an_api_key(tiny_dir: Path, tmp_path: Path) -> None:

@@ -36,7 +36,9 @@ from kvstore.client import KVStore
 from kvstore.config import Settings
 from kvstore.decode.generation import DEFAULT_MAX_NEW_TOKENS, Answer, GenerationOptions
 from kvstore.errors import InputError, KVStoreError, NotFoundError, UnavailableError, redact
+from kvstore.server.documents import ingest_whole
 from kvstore.server.engine import Engine, Job
+from kvstore.server.messages import fold
 from kvstore.server.schemas import ChatRequest, IngestRequest
 from kvstore.storage.index import ContextRecord
 
@@ -131,22 +133,9 @@ def _record_view(record: ContextRecord, score: float | None = None) -> dict[str,
     return view if score is None else {**view, "score": score}
 
 
-def _question(request: ChatRequest) -> str:
-    roles = {m.role for m in request.messages}
-    if roles - {"user"}:
-        raise APIError(
-            400,
-            f"only user messages are supported, got {sorted(roles - {'user'})}: the stored context's chat "
-            "template (its system prompt) was fixed at ingest, and each question is answered on its own",
-        )
-    question = "\n\n".join(m.text for m in request.messages).strip()
-    if not question:
-        raise APIError(400, "the question is empty")
-    return question
-
-
 def create_app(settings: Settings, server: ServerSettings | None = None, submit: Submit | None = None) -> FastAPI:
-    """The ASGI app: one engine thread owns the model; handlers talk to it and to the store.
+    """The ASGI app: an engine (`kvstore.server.engine`) owns the client and its model; handlers hand it
+    questions and use the store directly.
 
     With `submit`, POST /v1/contexts queues the text through it (202 and a job id) instead of ingesting.
     """
@@ -229,7 +218,7 @@ def create_app(settings: Settings, server: ServerSettings | None = None, submit:
     @app.delete("/v1/contexts/{ref}")
     async def delete_context(ref: str) -> dict[str, Any]:
         client()
-        removed = await engine.call(lambda kv: kv.delete(ref))  # between decode steps: no batch loses its context
+        removed = await asyncio.to_thread(engine.locked, lambda kv: kv.delete(ref))  # running batches keep theirs
         return {"object": "list", "data": [{"id": r.id, "object": "context", "deleted": True} for r in removed]}
 
     @app.post("/v1/contexts")
@@ -245,13 +234,20 @@ def create_app(settings: Settings, server: ServerSettings | None = None, submit:
 
         def run() -> list[dict[str, Any]]:
             with ingest_lock:  # one at a time; decoding goes on in the engine thread meanwhile
-                parts = kv.ingest_text(body.text, source=body.source)
+                parts = ingest_whole(kv, body.text, body.source)
             return [{**_record_view(p.record), "created": p.created} for p in parts]
 
         return JSONResponse({"object": "list", "data": await asyncio.to_thread(run)}, status_code=201)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest) -> Any:
+        """OpenAI chat completions over the stored contexts that `contexts` or `retrieve` names.
+
+        The stored context's chat-template head is fixed, so the messages become the text of its one
+        user turn (`kvstore.server.messages`): every system/developer text, then each earlier turn as
+        "User: <text>" or "Assistant: <text>", then the last message (the user's question) as is,
+        separated by blank lines.
+        """
         kv = client()
         if body.model not in (settings.model, "kvstore"):
             message = f"model {body.model!r} is not served here (this server answers with {settings.model!r})"
@@ -270,7 +266,7 @@ def create_app(settings: Settings, server: ServerSettings | None = None, submit:
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
         job = Job(
-            _question(body),
+            fold(body.messages),
             options,
             refs=body.contexts,
             retrieve=body.retrieve.k if body.retrieve else 0,

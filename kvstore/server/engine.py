@@ -1,35 +1,47 @@
-"""The one thread that runs the model for the HTTP server, one decode step at a time.
+"""Two threads run the model for the HTTP server: one prepares requests, one decodes, one step at a time.
 
-Requests become `Job`s on a queue. The engine resolves each job's contexts (loading and composing
-them through the client's LRU), groups the jobs waiting for the same (composed) context and the
-same generation options into one batch (the shared prefix decoded once for all of them), and then
-advances every running batch by ONE decode step in turn. So a request for another context waits at
-most one step of each running batch, never a whole generation. A job for a context whose batch is
-already running waits for that batch to finish (one cache per context holds its suffix), then
-joins the next batch with everything that arrived meanwhile. Results and streamed pieces go back
-to the asyncio side through thread-safe callbacks.
+Requests become `Job`s. The preparer thread resolves each job's contexts and loads and composes
+them through the client's LRU (or retrieves them: BM25), tokenizing as it goes, one job at a time
+in arrival order, and hands each prepared job to the engine thread. The engine thread only decodes:
+it groups the jobs waiting for the same (composed) context and the same generation options into one
+batch (the shared prefix decoded once for all of them), then advances every running batch by ONE
+decode step in turn. So running batches never wait for a cold context's blob read, validation and
+composition (the two threads share only the CPU), and a prepared request for another context waits
+at most one step of each running batch, never a whole generation. When idle, the engine gathers
+jobs until none has arrived for `gather_s` (at most `max_gather_s`), so questions that arrive
+together decode as one batch.
+
+A job for a context whose batch is already running waits for that batch to finish (one cache per
+context holds its suffix), then joins the next batch with everything that arrived meanwhile. A
+sampled job with a seed decodes in a batch of its own: its draws then depend on its seed alone.
+The client's LRUs of loaded contexts and compositions are not thread-safe: whatever uses them (the
+preparer, a delete) holds `Engine.lock`. A running batch keeps its own reference to its context,
+so evicting or deleting that context meanwhile does not disturb it. Both threads may use the model's
+tokenizer at once: they only encode and decode, which never changes its settings. Results and
+streamed pieces go back to the asyncio side through thread-safe callbacks.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from kvstore.client import KVStore, LoadedContext
 from kvstore.decode.generation import GenerationOptions, Row, TextStream, decode_rows, finished_answer
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 @dataclass
 class Job:
-    """One question to answer, and where its result goes (called on the engine thread)."""
+    """One question to answer, and where its result goes (called on the engine or preparer thread)."""
 
     question: str
     options: GenerationOptions
@@ -38,6 +50,11 @@ class Job:
     on_piece: Callable[[str], None] | None = None  # streamed text
     on_done: Callable[[Any, BaseException | None], None] = lambda answer, error: None
     context: LoadedContext | None = None
+
+    @property
+    def alone(self) -> bool:
+        """Whether it must decode in a batch of its own (seeded sampling: batch-mates would shift its draws)."""
+        return self.options.sampling and self.options.seed is not None
 
 
 @dataclass
@@ -52,43 +69,55 @@ class _Batch:
 
 
 class Engine:
-    """Owns a KVStore (and its model) on one thread; see the module docstring."""
+    """Owns a KVStore (and its model): a preparer thread and a decoding thread; see the module docstring."""
 
-    def __init__(self, make_client: Callable[[], KVStore], gather_s: float = 0.01):
+    def __init__(self, make_client: Callable[[], KVStore], gather_s: float = 0.01, max_gather_s: float = 0.2):
         self._make_client = make_client
-        self.gather_s = gather_s
+        self.gather_s, self.max_gather_s = gather_s, max_gather_s
         self.client: KVStore | None = None
         self.error: BaseException | None = None
         self.ready = threading.Event()
+        self.lock = threading.Lock()  # the client's LRU, loads, compositions and deletes: one user at a time
         self.stats = {"batches": 0, "questions": 0, "largest_batch": 0}  # how much sharing happened
-        self._jobs: queue.Queue[Job | Callable[[KVStore], None] | None] = queue.Queue()
+        self._submitted: queue.Queue[Job | None] = queue.Queue()
+        self._prepared: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="kvstore-engine", daemon=True)
+        self._preparer = threading.Thread(target=self._prepare_all, name="kvstore-prepare", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=30)
+        self._submitted.put(None)
+        self._prepared.put(None)
+        for thread in (self._preparer, self._thread):
+            if thread.is_alive():
+                thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
-        self._jobs.put(job)
+        self._submitted.put(job)
 
-    def call(self, work: Callable[[KVStore], Any]) -> asyncio.Future:
-        """Run `work(client)` on the engine thread between two decode steps; an awaitable of its result."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future = loop.create_future()
+    def locked(self, work: Callable[[KVStore], T]) -> T:
+        """`work(client)` under the client's lock (blocking: call it from a worker thread)."""
+        with self.lock:
+            return work(self.client)
 
-        def run(client: KVStore) -> None:
+    # -- the preparer thread ----------------------------------------------------------------------
+
+    def _prepare_all(self) -> None:
+        while (job := self._submitted.get()) is not None:
             try:
-                result = work(client)
-            except BaseException as exc:  # handed to the request that asked
-                loop.call_soon_threadsafe(_settle, future, None, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
+                with self.lock:
+                    job.context = self._context(job)
+            except BaseException as exc:
+                job.on_done(None, exc)
+                continue
+            self._prepared.put(job)
 
-        self._jobs.put(run)
-        return future
+    def _context(self, job: Job) -> LoadedContext:
+        if job.refs is None:
+            return self.client.prepare_retrieved(job.question, job.retrieve, job.options)
+        return self.client.prepare(job.refs, [job.question], job.options)
 
     # -- the engine thread ------------------------------------------------------------------------
 
@@ -101,54 +130,49 @@ class Engine:
             log.exception("the model could not be loaded")
             self.ready.set()
             return
+        self._preparer.start()
         self.ready.set()
         waiting: list[Job] = []
         running: list[_Batch] = []
         while True:
-            if not self._take(waiting, block=not running and not waiting):
+            if not self._take(waiting, idle=not running and not waiting):
                 break
             self._start_batches(waiting, running)
             for batch in list(running):
                 self._step(batch, running)
 
-    def _take(self, waiting: list[Job], block: bool) -> bool:
-        """Move queued jobs into `waiting` (after a short gathering window when idle); False to stop."""
-        deadline = None
-        while True:
+    def _take(self, waiting: list[Job], idle: bool) -> bool:
+        """Move prepared jobs into `waiting`; False to stop. Busy: whatever is there now. Idle: wait for
+        one, then gather until none arrives for `gather_s` (at most `max_gather_s` in all)."""
+        if not idle:
+            while True:
+                try:
+                    job = self._prepared.get_nowait()
+                except queue.Empty:
+                    return True
+                if job is None:
+                    return False
+                waiting.append(job)
+        job = self._prepared.get()
+        deadline = time.monotonic() + self.max_gather_s
+        while job is not None:
+            waiting.append(job)
+            wait = min(self.gather_s, deadline - time.monotonic())
+            if wait <= 0:
+                return True
             try:
-                if block and deadline is None:
-                    item = self._jobs.get()
-                    deadline = time.monotonic() + self.gather_s
-                else:
-                    timeout = 0.0 if deadline is None else max(0.0, deadline - time.monotonic())
-                    item = self._jobs.get(timeout=timeout) if timeout else self._jobs.get_nowait()
+                job = self._prepared.get(timeout=wait)
             except queue.Empty:
                 return True
-            if item is None:
-                return False
-            if isinstance(item, Job):
-                self._prepare(item, waiting)
-            else:
-                item(self.client)
-
-    def _prepare(self, job: Job, waiting: list[Job]) -> None:
-        try:
-            if job.refs is None:
-                job.context = self.client.prepare_retrieved(job.question, job.retrieve, job.options)
-            else:
-                job.context = self.client.prepare(job.refs, [job.question], job.options)
-        except BaseException as exc:
-            job.on_done(None, exc)
-            return
-        waiting.append(job)
+        return False
 
     def _start_batches(self, waiting: list[Job], running: list[_Batch]) -> None:
         busy = {id(batch.context) for batch in running}
-        groups: dict[tuple[int, GenerationOptions], list[Job]] = {}
+        groups: dict[tuple[int, GenerationOptions, int], list[Job]] = {}
         for job in waiting:
             if id(job.context) not in busy:
-                groups.setdefault((id(job.context), job.options), []).append(job)
-        for (context_key, options), jobs in groups.items():
+                groups.setdefault((id(job.context), job.options, id(job) if job.alone else 0), []).append(job)
+        for (context_key, options, _), jobs in groups.items():
             if context_key in busy:
                 continue  # one batch per context at a time: the rest wait for the next one
             busy.add(context_key)
@@ -184,12 +208,3 @@ class Engine:
             if job.on_piece is not None and (piece := stream.finish(row)):
                 job.on_piece(piece)
             job.on_done(finished_answer(batch.context.loaded, row, job.options, batch.context.ids), None)
-
-
-def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)

@@ -13,9 +13,12 @@ class TextPart(BaseModel):
 
 
 class Message(BaseModel):
+    """One chat message; `kvstore.server.messages` folds them into the question. Tool messages and
+    non-text content (images, audio) have no meaning for a stored context and are refused."""
+
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
 
     @property
