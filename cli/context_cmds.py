@@ -350,7 +350,7 @@ def gc(grace: float, orphans: bool, yes: bool, settings: Settings) -> None:
     console.print(
         f"orphan blobs: {len(report.orphan_blobs)}, temp files: {len(report.temp_files)}, "
         f"damaged blobs: {len(report.damaged_blobs)}, stale records: {len(report.stale_records)}, "
-        f"kept: {len(report.kept)}, freed {_size(report.freed_bytes)}"
+        f"orphan texts: {len(report.orphan_texts)}, kept: {len(report.kept)}, freed {_size(report.freed_bytes)}"
     )
 
 

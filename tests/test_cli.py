@@ -76,7 +76,7 @@ def test_ingest_list_ask_reingest_remove_gc(store_home: Path, tmp_path: Path) ->
     (store_home / "blobs" / "ff").mkdir()
     (store_home / "blobs" / "ff" / ("f" * 64 + ".safetensors")).write_bytes(b"an interrupted blob")
     collected = run("gc", "--grace", "0")
-    assert collected.exit_code == 0 and "damaged blobs: 1" in collected.output
+    assert collected.exit_code == 0 and "damaged blobs: 1" in collected.output and "orphan texts: 0" in collected.output
     assert len(blob_files(store_home)) == 3 and len(stored_ids()) == 3
 
     stats = run("stats")
