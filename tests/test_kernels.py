@@ -106,8 +106,9 @@ def test_auto_picks_per_device_and_shape_and_names_match_the_settings() -> None:
     assert set(DECODE_KERNELS) == {AUTO, *KERNELS}
     cuda, cpu = torch.device("cuda:1"), torch.device("cpu")
     assert choose_kernel(cuda, 3) == choose_kernel(cuda, 256) == "fused"
-    assert choose_kernel(cpu, 3, kv_heads=8) == "loop"  # one question on CPU, many heads: per-head matmuls
-    assert choose_kernel(cpu, 3, kv_heads=3) == "masked"  # few heads: one masked matmul per layer
+    assert choose_kernel(cpu, 3, kv_heads=3, kept_rows=3000) == "masked"  # few heads, short: one masked matmul
+    assert choose_kernel(cpu, 3, kv_heads=3, kept_rows=12000) == "loop"  # longer: the masked arithmetic costs more
+    assert choose_kernel(cpu, 3, kv_heads=8, kept_rows=1000) == "loop"  # many heads: per-head matmuls
     assert choose_kernel(cpu, 32) == "fused"  # a batch, or the question's own tokens
     assert get_kernel(AUTO) is auto_attention and get_kernel("loop") is KERNELS["loop"]
     for groups, batch in ((1, 1), (8, 8)):

@@ -30,16 +30,18 @@ DEFAULT_KERNEL = AUTO
 # measured faster on CPU, with more (batches, the question's own step) the fused kernel
 # (docs/BENCHMARKS.md, decode kernels).
 CPU_FUSED_MIN_ROWS = 8
-# Below CPU_FUSED_MIN_ROWS, a model with at most this many KV heads decodes faster through the masked
-# kernel (a few ops per layer, kv_heads times the score arithmetic) than through the loop (several
-# ops per head); with more heads the extra arithmetic costs more than the ops it saves.
-CPU_MASKED_MAX_KV_HEADS = 4
+# Below CPU_FUSED_MIN_ROWS, a layer whose kv_heads x kept rows (the masked kernel's score columns per
+# query row) stay within this decodes faster through the masked kernel (a few ops per layer) than
+# through the loop (several ops per head): measured on SmolLM2's 3 KV heads at 4K tokens (9K) and not
+# at 16K (36K), nor for 8 KV heads (docs/BENCHMARKS.md, decode kernels).
+CPU_MASKED_MAX_SCORES = 1 << 14
 
 
-def choose_kernel(device: torch.device, rows_per_kv_head: int, kv_heads: int = 1) -> str:
-    """What "auto" runs for `rows_per_kv_head` query rows (batch x GQA group x new tokens) on `device`."""
+def choose_kernel(device: torch.device, rows_per_kv_head: int, kv_heads: int = 1, kept_rows: int = 0) -> str:
+    """What "auto" runs for `rows_per_kv_head` query rows (batch x GQA group x new tokens) on `device`,
+    over a layer of `kv_heads` heads keeping `kept_rows` packed prefix rows in all."""
     if device.type == "cpu" and rows_per_kv_head < CPU_FUSED_MIN_ROWS:
-        return "masked" if kv_heads <= CPU_MASKED_MAX_KV_HEADS else "loop"
+        return "masked" if kv_heads <= 4 and kv_heads * kept_rows <= CPU_MASKED_MAX_SCORES else "loop"
     return "fused"
 
 
@@ -53,7 +55,8 @@ def auto_attention(
 ) -> torch.Tensor:
     """The kernel `choose_kernel` picks for this call's shape and device."""
     batch, q_heads, q_len, _ = query.shape
-    chosen = choose_kernel(query.device, batch * (q_heads // prefix.kv_heads) * q_len, prefix.kv_heads)
+    rows = batch * (q_heads // prefix.kv_heads) * q_len
+    chosen = choose_kernel(query.device, rows, prefix.kv_heads, prefix.keys.shape[0])
     return KERNELS[chosen](query, prefix, suffix_keys, suffix_values, attention_mask, scaling)
 
 
