@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from kvstore.config import DEFAULT_GROUP_SIZE, bits_for
 from kvstore.errors import DataError
 from kvstore.kv.shape import MAX_TOKENS
+from kvstore.storage.provenance import Origin
 
 if TYPE_CHECKING:
     import torch
@@ -74,14 +75,10 @@ def check_dtype(name: str) -> str:
 
 
 @dataclass
-class BlobHeader:
-    """Everything needed to trust and decode a blob, stored inside it as JSON."""
+class BlobHeader(Origin):
+    """Everything needed to trust and decode a blob (its origin, then its layout), stored inside it as JSON."""
 
-    model: str
-    model_fingerprint: str
-    tokenizer_fingerprint: str
     dtype: str  # of the K/V the blob decodes to: float32 / float16 / bfloat16
-    press: dict[str, Any]
     quant: str  # none / int8 / int4
     original_length: int
     prefix_length: int

@@ -50,6 +50,7 @@ import redis
 from kvstore.errors import UnavailableError, redact
 from kvstore.storage.lease import Lease
 from kvstore.storage.private import make_private, private_dir, private_umask
+from kvstore.storage.provenance import DocumentRef, Origin
 
 KEY_PREFIX = "kvstore:v1:"
 EMBEDDED_DB = "index.db"
@@ -66,26 +67,18 @@ class IndexUnavailableError(RedisIndexError):
     """Redis cannot be reached or started; the message names the location and the cause."""
 
 
-@dataclass
-class ContextRecord:
-    """One stored context as the index knows it (a Redis hash; every field a string there)."""
+@dataclass(kw_only=True)
+class ContextRecord(DocumentRef, Origin):
+    """One stored context as the index knows it (a Redis hash; every field a string there): its origin,
+    its document, and what its blob holds."""
 
     id: str
-    model: str
-    model_fingerprint: str
-    tokenizer_fingerprint: str
-    document_sha256: str
-    source: str
-    document_id: str
-    part: int
-    parts: int
     original_length: int  # context tokens (template prefix + document part)
     prefix_length: int
     kept_pairs: int  # (layer, head, token) K/V pairs stored
     total_pairs: int  # pairs a full cache holds
     ratio_requested: float
     ratio_achieved: float  # fraction of the full cache's K/V memory not stored (CompressedKV.achieved_ratio)
-    press: dict[str, Any]
     quant: str
     blob_format: str
     blob: str  # where the blob is, for people (a path or s3:// URL); never read back: ids name blobs

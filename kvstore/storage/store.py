@@ -40,6 +40,7 @@ from kvstore.storage.formats import FORMATS, BlobFormat, format_of, get_format
 from kvstore.storage.identity import bind
 from kvstore.storage.index import KEY_PREFIX, ContextIndex, ContextRecord, unavailable_as
 from kvstore.storage.private import private_dir, warn_if_shared
+from kvstore.storage.provenance import DocumentRef, Origin, values_of
 from kvstore.storage.texts import ContextTexts
 from kvstore.storage.validate import Expected
 
@@ -102,18 +103,8 @@ def parse_blob_name(name: str) -> tuple[str, str] | None:
 
 
 @dataclass
-class ContextMeta:
-    """What the caller knows about a compressed context besides its tensors."""
-
-    model: str
-    model_fingerprint: str
-    tokenizer_fingerprint: str
-    press: dict[str, Any]
-    source: str = ""
-    document_sha256: str = ""
-    document_id: str = ""  # links the parts of a long document split into several contexts
-    part: int = 0
-    parts: int = 1
+class ContextMeta(DocumentRef, Origin):
+    """What the caller knows about a compressed context besides its tensors: its origin and its document."""
 
     @classmethod
     def for_model(cls, loaded: LoadedModel, press: dict[str, Any], **kwargs: Any) -> ContextMeta:
@@ -128,16 +119,9 @@ class ContextMeta:
 
 def record_info(meta: ContextMeta, identity: str) -> dict[str, Any]:
     """What a blob keeps of its record beside the header: enough for `reindex`, and its index's identity."""
-    return {
-        "index": identity,
-        "source": meta.source,
-        "document_sha256": meta.document_sha256,
-        "document_id": meta.document_id or meta.document_sha256,
-        "part": meta.part,
-        "parts": meta.parts,
-        "ratio_requested": meta.requested_ratio,
-        "created": time.time(),
-    }
+    document = values_of(DocumentRef, meta)
+    document["document_id"] = meta.document_id or meta.document_sha256
+    return {"index": identity, **document, "ratio_requested": meta.requested_ratio, "created": time.time()}
 
 
 def record_for(
@@ -153,21 +137,14 @@ def record_for(
     achieved = 1.0 - kept_elements / max(1, 2 * total * header.head_dim)
     return ContextRecord(
         id=cid,
-        model=header.model,
-        model_fingerprint=header.model_fingerprint,
-        tokenizer_fingerprint=header.tokenizer_fingerprint,
-        document_sha256=str(info.get("document_sha256", "")),
-        source=str(info.get("source", "")),
-        document_id=str(info.get("document_id", "")),
-        part=int(info.get("part", 0)),
-        parts=int(info.get("parts", 1)),
+        **values_of(Origin, header),
+        **values_of(DocumentRef, DocumentRef.from_info(info)),
         original_length=header.original_length,
         prefix_length=header.prefix_length,
         kept_pairs=kept,
         total_pairs=total,
         ratio_requested=float(info.get("ratio_requested", 0.0)),
         ratio_achieved=round(achieved, 6),
-        press=header.press,
         quant=header.quant,
         blob_format=blob_format,
         blob=location,
@@ -269,14 +246,7 @@ class ContextStore:
         fmt = get_format(blob_format or self.blob_format)
         cid = context_id(meta.model_fingerprint, compressed.token_ids, meta.press, quant)
         name = blob_name(cid, fmt.name)
-        header = BlobHeader.describe(
-            compressed,
-            model=meta.model,
-            model_fingerprint=meta.model_fingerprint,
-            tokenizer_fingerprint=meta.tokenizer_fingerprint,
-            press=meta.press,
-            quant=quant,
-        )
+        header = BlobHeader.describe(compressed, **values_of(Origin, meta), quant=quant)
         lease = self.index.lease(cid)
         with unavailable_as(self.index.location):
             waited = lease.wait(WRITER_WAIT_S)
