@@ -216,6 +216,42 @@ def test_a_blob_planted_at_an_ids_address_is_adopted_only_if_it_is_that_content(
     assert torch.equal(store.load(cid).layers[1].values, mine.layers[1].values)
 
 
+@pytest.mark.filterwarnings("ignore:Object at padding is not recognized")  # zarr, seeing the stray file locally
+def test_a_blob_is_fetched_only_as_far_as_its_checked_header_allows(
+    store: ContextStore, target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A planted object far larger than its header declares is refused without being downloaded whole:
+    safetensors reads the header, then the declared tensor bytes and one more; a zarr group whose parts
+    add up to more than its header allows is refused before any part is fetched (remote; locally zarr
+    reads only its own arrays, so an extra file is ignored)."""
+    import kvstore.storage.backends.s3 as s3
+
+    fetched: list[int] = []
+    read = s3.S3Source.read
+    monkeypatch.setattr(
+        s3.S3Source, "read", lambda *args, **kwargs: fetched.append(len(data := read(*args, **kwargs))) or data
+    )
+    plain, grouped = random_compressed(seed=5), random_compressed(seed=6)
+    record, _ = store.put(plain, make_meta())
+    name = blob_name(record.id, "safetensors")
+    blob = target.raw_read(name)
+    target.raw_delete(name)
+    target.raw_write(name, blob + bytes(8 << 20))  # 8 MiB nobody declared
+    fetched.clear()
+    with pytest.raises(BlobCorruptError, match="not fully covered|longer than its header declares"):
+        store.load(record.id)
+    assert sum(fetched) < len(blob) + 4096  # remote: the header, then the declared bytes and one more
+    zrecord, _ = store.put(grouped, make_meta(), blob_format="zarr")
+    target.raw_write(blob_name(zrecord.id, "zarr") + "/padding", bytes(8 << 20))
+    fetched.clear()
+    if target.s3 is None:
+        assert torch.equal(store.load(zrecord.id).layers[1].values, grouped.layers[1].values)
+    else:
+        with pytest.raises(BlobCorruptError, match="more than its header allows"):
+            store.load(zrecord.id)
+        assert sum(fetched) < 1 << 20  # the root metadata, not the group
+
+
 def test_unreachable_redis_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(IndexUnavailableError, match=r"cannot reach Redis at redis://127\.0\.0\.1:1"):
         ContextStore.open(Settings(home=tmp_path, redis_url="redis://127.0.0.1:1"))
@@ -400,9 +436,10 @@ def test_concurrent_processes_leave_one_blob_and_one_record(target: Target, tmp_
         workers.append(spawn(worker_args(target, tmp_path, compressed, "put", ready=ready, go=go)))
     deadline = time.monotonic() + 120
     while not all((tmp_path / f"ready-{i}").exists() for i in range(len(workers))):
-        assert time.monotonic() < deadline and all(w.poll() is None for w in workers), [
-            w.communicate() for w in workers
-        ]
+        if time.monotonic() > deadline or any(w.poll() is not None for w in workers):
+            for w in workers:  # the others wait at the start line for ever: stop them before reading their output
+                w.kill()
+            pytest.fail(f"a writer did not reach the start line: {[w.communicate() for w in workers]}")
         time.sleep(0.01)
     (tmp_path / "go").touch()
     outputs = [w.communicate(timeout=120) for w in workers]

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from cli.errors import EXIT_ERROR
 from cli.main import main
 from kvstore.config import Settings
-from kvstore.storage.blob import BlobPathError
+from kvstore.storage.blob import BlobError, BlobPathError
 from kvstore.storage.identity import StoreMismatchError
 from kvstore.storage.index import ContextIndex
 from kvstore.storage.maintenance import gc, reindex
@@ -196,6 +196,34 @@ def test_reindex_refuses_a_blob_that_is_not_its_ids_content(tmp_path: Path) -> N
     assert report.added == [a.id] and len(report.skipped) == 1 and "not this id's" in report.skipped[0]
 
 
+@pytest.mark.parametrize("lie", [{"part": "x"}, {"parts": None}, {"created": "yesterday"}])
+def test_reindex_skips_a_blob_whose_resealed_record_info_lies(tmp_path: Path, lie: dict) -> None:
+    """The record info a blob keeps is sealed by its own sha256, which anyone can recompute: its types are
+    checked, so one crafted blob is skipped with a reason instead of stopping reindex with a traceback."""
+    from kvstore.storage.blob import METADATA_KEY, RECORD_KEY, parse_record, record_text
+    from kvstore.storage.formats import get_format
+
+    target = Target(None, "kvstore:v1:", tmp_path / "home")
+    with target.open() as store:
+        a, _ = store.put(random_compressed(seed=1), make_meta())
+        b, _ = store.put(random_compressed(seed=2), make_meta())
+        name_b = blob_name(b.id, "safetensors")
+        source = store.backend.open(name_b)
+        header, info = get_format("safetensors").describe(source)
+        from safetensors.torch import load, save
+
+        data = target.raw_read(name_b)
+        metadata = {METADATA_KEY: header.to_json(), RECORD_KEY: record_text({**info, **lie})}
+        target.raw_delete(name_b)
+        target.raw_write(name_b, save(load(data), metadata=metadata))
+        with pytest.raises(BlobError, match="record info field"):
+            parse_record(metadata[RECORD_KEY])
+        for record in (a, b):
+            store.index.delete(record.id)
+        report = reindex(store)
+    assert report.added == [a.id] and len(report.skipped) == 1 and "the wrong type" in report.skipped[0]
+
+
 def test_ls_on_an_empty_index_with_blobs_says_so(store_home: Path) -> None:
     with ContextStore.open() as store:
         record, _ = store.put(random_compressed(), make_meta())
@@ -220,6 +248,31 @@ def test_a_store_with_another_index_is_refused(tmp_path: Path) -> None:
         index.close()
     with ContextStore(home, ContextIndex.open(None, home, "kvstore:v1:")) as store:
         assert len(store.list()) == 1
+
+
+def test_a_store_being_created_by_another_process_opens_once_its_identity_lands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A creator claims the index, then writes the blobs' identity a moment later: a process opening the
+    store in between (several workers starting at once) waits for it instead of refusing the store."""
+    from kvstore.storage import identity as identity_module
+    from kvstore.storage.backends.local import LocalBackend
+
+    home = tmp_path / "home"
+    index = ContextIndex.open(None, home, "kvstore:v1:")
+    index.claim_identity("a" * 32)  # the creator is between its two writes
+    backend = LocalBackend(home / "blobs")
+    late = threading.Timer(0.3, lambda: backend.put_meta("store.json", b'{"index": "' + b"a" * 32 + b'"}'))
+    late.start()
+    with ContextStore(home, index, backend=backend) as store:
+        assert store.identity == "a" * 32
+    late.join()
+    monkeypatch.setattr(identity_module, "CREATION_WAIT_S", 0.2)  # nobody writes it: refused after the wait
+    other = ContextIndex.open(None, home, "other:v1:")
+    other.claim_identity("b" * 32)
+    with pytest.raises(StoreMismatchError, match="belong"):
+        ContextStore(tmp_path / "elsewhere", other)
+    other.close()
 
 
 class Paused:

@@ -105,6 +105,11 @@ class CompressedKV:
         return CompressedKV(layers, self.token_ids, self.prefix_length)
 
     @property
+    def finite(self) -> bool:
+        """Whether every stored K/V value is a finite number (a cast to float16 can overflow)."""
+        return all(bool(torch.isfinite(t).all()) for layer in self.layers for t in (layer.keys, layer.values))
+
+    @property
     def kv_shape(self) -> KVShape:
         """Its geometry, its own length as the window: what a blob standing for this context must match."""
         return KVShape(len(self.layers), self.kv_heads, self.head_dim, self.original_length)

@@ -223,7 +223,22 @@ def parse_record(text: object) -> dict[str, Any]:
         intact = False
     if not intact:
         raise BlobCorruptError("blob record info is damaged (its sha256 does not match)")
+    for key, kinds in _INFO_TYPES.items():  # resealing is easy: the types are checked, not trusted
+        if key in info and (isinstance(info[key], bool) or not isinstance(info[key], kinds)):
+            raise BlobCorruptError(f"blob record info field {key!r} is {info[key]!r}: the wrong type")
     return info
+
+
+_INFO_TYPES: dict[str, Any] = {
+    "index": str,
+    "source": str,
+    "document_sha256": str,
+    "document_id": str,
+    "part": int,
+    "parts": int,
+    "ratio_requested": int | float,
+    "created": int | float,
+}
 
 
 def check_metadata(metadata: dict[str, Any], where: str) -> None:

@@ -19,6 +19,8 @@ from kvstore.storage.backends import Backend
 from kvstore.storage.index import ContextIndex
 
 IDENTITY_OBJECT = "store.json"
+# How long an open waits for a concurrent creator of the same store to finish writing its identity.
+CREATION_WAIT_S = 5.0
 
 
 class StoreMismatchError(DataError):
@@ -46,6 +48,8 @@ def bind(index: ContextIndex, backend: Backend, adopt: bool = False) -> str:
     adopt: the index has lost its identity (and records): take the blobs' one (what reindex does).
     """
     ours, theirs = read_identity(backend), index.identity()
+    if theirs and not ours and index.count() == 0:  # perhaps another process is creating this very store
+        ours = _written_soon(backend)
     if ours and theirs and ours != theirs:
         raise StoreMismatchError(
             f"the blobs in {backend.url} belong to index {ours[:12]}, but the index at {index.location} is "
@@ -72,6 +76,17 @@ def bind(index: ContextIndex, backend: Backend, adopt: bool = False) -> str:
             "if their index was lost, rebuild it from the blobs: kvstore reindex"
         )
     return _claimed(index, backend, uuid.uuid4().hex)
+
+
+def _written_soon(backend: Backend) -> str | None:
+    """The blobs' identity once a concurrent creator has written it (it claims the index first, then
+    writes the blobs' side a moment later); None if none appears within CREATION_WAIT_S."""
+    deadline = time.monotonic() + CREATION_WAIT_S
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        if (identity := read_identity(backend)) is not None:
+            return identity
+    return None
 
 
 def _claimed(index: ContextIndex, backend: Backend, identity: str) -> str:

@@ -243,6 +243,8 @@ class ContextStore:
             from kvstore.storage.payload import parse_dtype
 
             compressed = compressed.to_dtype(parse_dtype(self.storage_dtype))
+            if not compressed.finite:
+                raise BlobError(f"K/V values exceed {self.storage_dtype}'s range: store them as bfloat16 or float32")
         fmt = get_format(blob_format or self.blob_format)
         cid = context_id(meta.model_fingerprint, compressed.token_ids, meta.press, quant)
         name = blob_name(cid, fmt.name)

@@ -24,8 +24,6 @@ from kvstore.storage.blob import BlobCorruptError, BlobHeader, BlobModelError
 
 Table = dict[str, tuple[str, tuple[int, ...]]]  # tensor name -> (dtype name, shape)
 
-QUANT_PARTS = ("q", "scales", "zeros")
-
 
 @dataclass(frozen=True)
 class Expected:
@@ -93,6 +91,20 @@ def declared_tensors(header: BlobHeader) -> Table:
             table[f"layer.{i}.{part}.scales"] = ("float16", stats)
             table[f"layer.{i}.{part}.zeros"] = ("float16", stats)
     return table
+
+
+_ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "uint8": 1}
+
+
+def declared_bytes(header: BlobHeader) -> int:
+    """Bytes of every tensor the header implies: what reading the blob may allocate, at most."""
+    total = 0
+    for dtype, shape in declared_tensors(header).values():
+        count = 1
+        for n in shape:
+            count *= n
+        total += count * _ITEM_BYTES[dtype]
+    return total
 
 
 def check_tensors(header: BlobHeader, found: Table, where: str) -> None:

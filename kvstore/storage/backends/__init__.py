@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from kvstore.errors import InputError, UnavailableError
-from kvstore.storage.blob import BlobPathError
+from kvstore.storage.blob import BlobCorruptError, BlobPathError
 
 SCHEMES = {"file": "kvstore.storage.backends.local", "s3": "kvstore.storage.backends.s3"}
 WHOLE = ""  # the part name of a blob stored as one object
@@ -61,8 +61,15 @@ class Source(Protocol):
     def read(self, part: str = WHOLE, start: int | None = None, end: int | None = None) -> bytes:
         """One part's bytes (the whole blob by default), or only [start, end): a header costs no tensor reads."""
 
-    def read_parts(self) -> dict[str, bytes]:
-        """Every part of a tree, by part name: one pass for formats that need all of them."""
+    def read_parts(self, limit: int | None = None) -> dict[str, bytes]:
+        """Every part of a tree, by part name: one pass for formats that need all of them; refused
+        (BlobCorruptError) before anything is read when they add up to more than `limit` bytes."""
+
+
+def check_total(size: int, limit: int | None, location: str) -> None:
+    """Refuse to fetch a blob larger than what its checked header allows."""
+    if limit is not None and size > limit:
+        raise BlobCorruptError(f"blob {location} holds {size:,} bytes, more than its header allows ({limit:,})")
 
 
 class Backend(Protocol):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from kvstore.storage.backends import TREE_ROOT, WHOLE, Entry, check_name, temp_name
+from kvstore.storage.backends import TREE_ROOT, WHOLE, Entry, check_name, check_total, temp_name
 from kvstore.storage.blob import BlobMissingError, BlobPathError
 from kvstore.storage.private import private_dir, write_private
 
@@ -80,13 +80,10 @@ class LocalSource:
         except FileNotFoundError as exc:
             raise BlobMissingError(f"blob {self.location} has no part {part!r}") from exc
 
-    def read_parts(self) -> dict[str, bytes]:
-        parts = {}
-        for root, _, files in os.walk(self.path):
-            for leaf in files:
-                path = Path(root) / leaf
-                parts[path.relative_to(self.path).as_posix()] = path.read_bytes()
-        return parts
+    def read_parts(self, limit: int | None = None) -> dict[str, bytes]:
+        paths = [Path(root) / leaf for root, _, files in os.walk(self.path) for leaf in files]
+        check_total(sum(path.stat().st_size for path in paths), limit, self.location)
+        return {path.relative_to(self.path).as_posix(): path.read_bytes() for path in paths}
 
 
 class LocalBackend:

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kvstore.errors import InputError, import_extra
-from kvstore.storage.backends import TREE_ROOT, WHOLE, BackendUnavailableError, Entry, check_name
+from kvstore.storage.backends import TREE_ROOT, WHOLE, BackendUnavailableError, Entry, check_name, check_total
 from kvstore.storage.blob import BlobMissingError
 
 RETRIES = {"max_retries": 3, "retry_timeout": timedelta(seconds=20)}
@@ -99,7 +99,8 @@ class S3Source:
             start, end = min(start or 0, size), min(size if end is None else end, size)
             return bytes(obstore.get_range(self.backend.store, key, start=start, end=end)) if end > start else b""
 
-    def read_parts(self) -> dict[str, bytes]:
+    def read_parts(self, limit: int | None = None) -> dict[str, bytes]:
+        check_total(sum(self.sizes.values()), limit, self.location)
         with ThreadPoolExecutor(FETCHERS) as pool:
             return dict(zip(self.sizes, pool.map(self.read, self.sizes), strict=True))
 

@@ -1,9 +1,10 @@
 """safetensors blobs (the default): one object; the header JSON sits in its string metadata.
 
 A blob a backend has as a local file is opened with `safe_open` (memory-mapped: the loaded K/V
-are views of the file's pages, no copy); one fetched from an object store is parsed from the
-bytes in memory. The header and the token ids can be read alone with two ranged reads (the
-safetensors layout: an 8-byte little-endian length, that much JSON, then the tensor bytes).
+are views of the file's pages, no copy); from an object store the header comes first (two ranged
+reads: the safetensors layout is an 8-byte little-endian length, that much JSON, then the tensor
+bytes) and, once it is checked, exactly the tensor bytes it declares, parsed in memory. The header
+and the token ids can be read alone the same way.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from kvstore.storage.blob import (
     METADATA_KEY,
     RECORD_KEY,
     BlobCorruptError,
+    BlobError,
     BlobHeader,
     check_metadata,
     parse_record,
     record_text,
 )
-from kvstore.storage.validate import Expected, Table
+from kvstore.storage.validate import Expected, Table, declared_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -129,16 +131,21 @@ class SafetensorsFormat:
         from kvstore.storage.payload import decode_checked
 
         where = source.location
-        data = None if source.path is not None else source.read()  # a remote blob: fetched once
-        layout = _layout(_ranged(source) if data is None else lambda start, end: data[start:end], where)[0]
+        layout, start = _layout(_ranged(source), where)  # two ranged reads: the header before any tensor byte
         header = _header(layout, where)[0]
 
         def tensors() -> dict[str, torch.Tensor]:
             try:
-                if data is not None:
+                if source.path is None:  # remote: only the bytes the checked header declares are fetched (+1)
+                    end = start + declared_bytes(header)
+                    data = source.read(WHOLE, 0, end + 1)
+                    if len(data) > end:  # as safetensors refuses a local file with bytes nothing indexes
+                        raise BlobCorruptError(f"blob {where} is longer than its header declares")
                     return load(data)
                 with safe_open(str(source.path), framework="pt", device="cpu") as handle:
                     return {name: handle.get_tensor(name) for name in handle.keys()}  # mmap views, no copy
+            except BlobError:
+                raise
             except Exception as exc:  # SafetensorError, OSError: a damaged container
                 raise BlobCorruptError(f"blob {where} is not a readable safetensors file: {exc}") from exc
 

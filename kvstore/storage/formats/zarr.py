@@ -27,6 +27,7 @@ from kvstore.storage.blob import (
     parse_record,
     record_text,
 )
+from kvstore.storage.validate import declared_bytes, declared_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -49,14 +50,24 @@ def _zarr() -> Any:
     return import_extra("zarr", "zarr")
 
 
-def _store(source: Source) -> Any:
-    """A read-only zarr store over the blob: in place when local, else its parts fetched into memory."""
+MAX_ROOT_BYTES = 16 * 2**20  # the group's root metadata (header and record info): far below this
+
+
+def _fetch_limit(header: BlobHeader) -> int:
+    """The most bytes a remote group with this (checked) header may hold: its tensors' raw bytes plus
+    zstd's worst-case growth and each array's own metadata."""
+    return declared_bytes(header) * 101 // 100 + 16 * 1024 * (len(declared_tensors(header)) + header.layers + 2)
+
+
+def _store(source: Source, header: BlobHeader) -> Any:
+    """A read-only zarr store over the blob: in place when local, else its parts fetched into memory,
+    refused unread when they add up to more than the header allows."""
     zarr = _zarr()
     if source.path is not None:
         return zarr.storage.LocalStore(str(source.path), read_only=True)
     from zarr.core.buffer import cpu
 
-    parts = {name: cpu.Buffer.from_bytes(data) for name, data in source.read_parts().items()}
+    parts = {name: cpu.Buffer.from_bytes(data) for name, data in source.read_parts(_fetch_limit(header)).items()}
     return zarr.storage.MemoryStore(parts, read_only=True)
 
 
@@ -102,7 +113,10 @@ class ZarrFormat:
 
     def _root(self, source: Source) -> dict[str, Any]:
         try:
-            attributes = json.loads(source.read(ROOT)).get("attributes")
+            raw = source.read(ROOT, 0, MAX_ROOT_BYTES + 1)
+            if len(raw) > MAX_ROOT_BYTES:
+                raise BlobCorruptError(f"blob {source.location} has a root metadata object over {MAX_ROOT_BYTES} bytes")
+            attributes = json.loads(raw).get("attributes")
         except BlobError:
             raise
         except Exception as exc:
@@ -116,9 +130,9 @@ class ZarrFormat:
         attributes = self._root(source)
         return BlobHeader.from_dict(attributes.get(METADATA_KEY)), parse_record(attributes.get(RECORD_KEY))
 
-    def _group(self, source: Source) -> Any:
+    def _group(self, source: Source, header: BlobHeader) -> Any:
         try:
-            return _zarr().open_group(store=_store(source), mode="r", zarr_format=3)
+            return _zarr().open_group(store=_store(source, header), mode="r", zarr_format=3)
         except BlobError:
             raise
         except Exception as exc:
@@ -126,7 +140,7 @@ class ZarrFormat:
 
     def token_ids(self, source: Source) -> np.ndarray:
         try:
-            ids = np.asarray(self._group(source)["token_ids"][...])
+            ids = np.asarray(self._group(source, self.describe(source)[0])["token_ids"][...])
         except BlobError:
             raise
         except Exception as exc:
@@ -142,11 +156,12 @@ class ZarrFormat:
         from kvstore.storage.payload import decode_checked
 
         where = source.location
-        group = self._group(source)
+        header = self.describe(source)[0]  # the root alone first: it bounds what the group may hold
+        group = self._group(source, header)
         attributes = dict(group.attrs)
         check_metadata(attributes, where)
-        header = BlobHeader.from_dict(attributes.get(METADATA_KEY))
-        parse_record(attributes.get(RECORD_KEY))
+        if BlobHeader.from_dict(attributes.get(METADATA_KEY)) != header:
+            raise BlobCorruptError(f"blob {where} changed while it was read")
         arrays = _arrays(group, where)
 
         def tensors() -> dict[str, torch.Tensor]:
