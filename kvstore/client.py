@@ -95,20 +95,21 @@ class KVStore:
     """
 
     def __init__(
-        self, settings: Settings | None = None, *, max_contexts: int = 8, resolve_paths: bool = True, **fields: Any
+        self, settings: Settings | None = None, *, max_contexts: int = 8, untrusted_refs: bool = False, **fields: Any
     ):
         """Open the store now, so a wrong home or Redis URL fails here; models load on first use.
 
         `max_contexts` bounds the contexts kept loaded (each holds its K/V in memory). With
-        `resolve_paths=False` refs are ids and prefixes only: a server's remote callers must never make
-        it look at local files.
+        `untrusted_refs=True` (a server's remote callers, a worker's task messages) refs are ids and
+        prefixes only, and only contexts stored by this client's own model are answered: a caller, or
+        a record planted in a shared index, must never make it read local files or load another model.
         """
         if settings is not None and fields:
             raise TypeError("pass either a Settings object or keyword settings, not both")
         self.settings = settings or Settings().with_overrides(**fields)
         self.store = ContextStore.open(self.settings)
         self.max_contexts = max_contexts
-        self.resolve_paths = resolve_paths  # False: refs are ids and prefixes only (a server's remote callers)
+        self.untrusted_refs = untrusted_refs
         self._models: dict[str, LoadedModel] = {}
         self._contexts: OrderedDict[str, LoadedContext] = OrderedDict()
         self._compositions: OrderedDict[tuple[str, ...], LoadedContext] = OrderedDict()
@@ -183,7 +184,7 @@ class KVStore:
         A document stored under several settings resolves to the version stored under this client's
         settings, else to the newest one.
         """
-        return resolve(self.store, ref, self._stored_here, paths=self.resolve_paths)
+        return resolve(self.store, ref, self._stored_here, paths=not self.untrusted_refs)
 
     def records(self, refs: Refs) -> list[ContextRecord]:
         """Every record the refs name, in order (a document path names all its parts); duplicates dropped."""
@@ -195,6 +196,14 @@ class KVStore:
             for record in [item] if isinstance(item, ContextRecord) else self.resolve(item):
                 found.setdefault(record.id, record)
         records = list(found.values())
+        if self.untrusted_refs:
+            served = self.model()
+            for record in records:
+                if record.model_fingerprint != served.fingerprint:
+                    raise InputError(
+                        f"context {record.id[:12]} was stored by model {record.model!r} "
+                        f"({record.model_fingerprint}); only {served.name!r} ({served.fingerprint}) is served here"
+                    )
         models = {(r.model, r.model_fingerprint) for r in records}
         if len(models) > 1:
             names = ", ".join(sorted(f"{name} ({fp})" for name, fp in models))

@@ -24,8 +24,10 @@ BLOB_FORMATS = ("safetensors", "zarr")
 # Decode kernels by name (kvstore.decode.kernels registers them; a test checks the two agree).
 DECODE_KERNELS = ("auto", "loop", "fused", "masked")
 # Floating types of the model's weights and of the stored K/V ("auto": bfloat16 on CUDA, float32 elsewhere
-# for the model; the model's own for storage). A context moves between them: loads cast as needed.
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+# for the model; the model's own for storage). A context moves between them: loads cast as needed. Not
+# float16 weights: the weights fingerprint agrees between float32 and bfloat16 loads only.
+MODEL_DTYPES = ("auto", "float32", "bfloat16")
+STORAGE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
 ENV_VARS = {
     "home": "KVSTORE_HOME",
@@ -162,8 +164,8 @@ class Settings:
         _check_choice("quant", self.quant, tuple(QUANT_BITS))
         _check_choice("blob_format", self.blob_format, BLOB_FORMATS)
         _check_choice("kernel", self.kernel, DECODE_KERNELS)
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("storage_dtype", self.storage_dtype, DTYPES)
+        _check_choice("dtype", self.dtype, MODEL_DTYPES)
+        _check_choice("storage_dtype", self.storage_dtype, STORAGE_DTYPES)
         try:
             size = float(self.max_document_mb)
         except (TypeError, ValueError):

@@ -93,7 +93,8 @@ class ContextSearch:
         self._records = {i: r for i, r in self._records.items() if i in stored} | {
             r.id: r for r in fetched if r.id in stored
         }
-        self._texts = {i: t for i, t in self._texts.items() if i in stored} | self.store.texts.get_many(new)
+        kept = {i: t for i, t in self._texts.items() if i in stored}
+        self._texts = kept | self.store.texts.get_many([i for i in stored if i not in kept])  # new, or textless
         indexed = tuple(self._records[i] for i in sorted(self._records) if i in self._texts)
         return _Corpus(stored, indexed, _indexed([self._texts[r.id] for r in indexed]) if indexed else None)
 

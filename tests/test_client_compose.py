@@ -145,3 +145,21 @@ def test_the_search_index_is_rebuilt_only_when_the_stored_ids_change(
     assert [h.id for h in kv.search("Quillport", k=4)] == ranked and builds == [2, 3]
     kv.store.delete(d)
     assert [h.id for h in kv.search("Quillport", k=4)] == ranked and builds == [2, 3, 2]
+
+
+def test_untrusted_refs_never_load_another_model_or_read_a_path(store_home: Path, tmp_path: Path) -> None:
+    """A server's callers and a worker's task messages name contexts; a record planted in a shared index
+    can name any model (a local directory, a hub id): with untrusted refs only the served model answers."""
+    from tests.factories import random_compressed
+    from tests.stores import make_meta
+
+    with KVStore(model="tiny-llama", untrusted_refs=True) as client:
+        client._models["tiny-llama"] = tiny_model("llama", seed=7)
+        planted, _ = client.store.put(random_compressed(), make_meta(model=str(tmp_path), model_fingerprint="fp-x"))
+        with pytest.raises(InputError, match="only 'tiny-llama'"):
+            client.ask(planted.id, "what is stored?", OPTIONS)
+        assert list(client._models) == ["tiny-llama"]  # nothing else was loaded
+        document = tmp_path / "doc.txt"
+        document.write_text("a document on the server's disk")
+        with pytest.raises(NotFoundError):
+            client.ask(str(document), "what does it say?", OPTIONS)

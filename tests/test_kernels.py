@@ -161,3 +161,15 @@ def test_the_client_decodes_through_the_kernel_its_settings_name(chosen: str, st
         assert context.cache.kernel == chosen
         assert context.cache.layers[0].kernel is KERNELS[chosen]
         assert kv.ask(part.record.id, "the vault", max_new_tokens=3).completion_tokens >= 1
+
+
+def test_the_masked_kernel_hands_big_calls_to_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its scores span every head's rows: past MAX_SCORES elements the bounded loop kernel runs instead."""
+    from kvstore.decode.kernels import masked
+
+    handed = []
+    monkeypatch.setattr(masked, "MAX_SCORES", 100)
+    monkeypatch.setattr(masked, "ragged_attention", lambda *args: handed.append(1) or ragged_attention(*args))
+    case = _case(4, 8, 5, None, seed=2)
+    torch.testing.assert_close(masked.masked_attention(*case, 0.3), ragged_attention(*case, 0.3))
+    assert handed == [1]

@@ -344,7 +344,7 @@ def test_a_cold_context_loading_does_not_stall_a_running_generation(
             yield rows
 
     monkeypatch.setattr(engine_module, "decode_rows", hot_steps_once_the_cold_load_began)
-    engine = Engine(lambda: SlowColdContext(settings, resolve_paths=False))
+    engine = Engine(lambda: SlowColdContext(settings, untrusted_refs=True))
     engine.start()
     answers: dict[str, object] = {}
     finished = {name: threading.Event() for name in refs}
@@ -368,6 +368,44 @@ def test_a_cold_context_loading_does_not_stall_a_running_generation(
         engine.client.close()
     assert hot_ran_during_the_cold_load == [True]
     assert answers == expected
+
+
+def test_a_broken_decoding_thread_fails_its_requests_instead_of_leaving_them_waiting(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvstore import KVStore
+    from kvstore.config import Settings
+    from kvstore.decode.generation import GenerationOptions
+    from kvstore.server.engine import Engine, Job
+
+    settings = Settings(home=tmp_path, model=str(tiny_dir), redis_url=None)
+    with KVStore(settings) as kv:
+        ref = kv.ingest_text(sample_text(60, seed=6))[0].record.id
+
+    def broken(self: Engine, waiting: list, running: list) -> None:
+        raise RuntimeError("a bug in batching")
+
+    monkeypatch.setattr(Engine, "_start_batches", broken)
+    engine = Engine(lambda: KVStore(settings, untrusted_refs=True))
+    engine.start()
+    outcomes: list[BaseException | None] = []
+    told = threading.Event()
+
+    def on_done(answer: object, error: BaseException | None) -> None:
+        outcomes.append(error)
+        told.set()
+
+    try:
+        assert engine.ready.wait(120) and engine.error is None
+        engine.submit(Job("the vault", GenerationOptions(4), refs=[ref], on_done=on_done))
+        assert told.wait(60), "the request was left waiting"
+        assert "a bug in batching" in str(outcomes[0]) and "a bug in batching" in str(engine.error)
+        told.clear()
+        engine.submit(Job("again", GenerationOptions(4), refs=[ref], on_done=on_done))  # refused at once now
+        assert told.wait(60) and "cannot answer" in str(outcomes[1])
+    finally:
+        engine.stop()
+        engine.client.close()
 
 
 def test_a_failed_part_rolls_back_the_parts_stored_before_it(
@@ -463,7 +501,7 @@ def test_requests_get_503_while_the_model_loads(monkeypatch: pytest.MonkeyPatch,
             time.sleep(0.05)
         assert http.get("/v1/models").status_code == 200
         failed = http.get("/v1/contexts")
-        assert failed.status_code == 503 and "could not be loaded" in failed.json()["error"]["message"]
+        assert failed.status_code == 503 and "cannot answer" in failed.json()["error"]["message"]
 
 
 def test_with_a_queue_a_posted_text_becomes_a_job_for_the_workers(

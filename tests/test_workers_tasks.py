@@ -67,6 +67,10 @@ BAD_OPTIONS = [
     ({"num_beams": 2}, "unknown generation options: num_beams"),
     ({"do_sample": "yes"}, "do_sample must be"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop takes at most"),
+    ({"stop": ["x" * 65]}, "at most 64 characters"),
+    ({"stop": 7}, "stop must be a string or a list"),
+    ({"seed": "3"}, "seed must be an integer"),
+    ({"seed": 2**64}, "seed must be an integer"),
     (["max_new_tokens", 8], "must be a JSON object"),
 ]
 

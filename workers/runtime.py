@@ -35,7 +35,7 @@ def client() -> KVStore:
     """This process's KVStore, created on first use (a Redis outage then fails the task, which retries)."""
     global _client
     if _client is None:
-        _client = KVStore(Settings().with_overrides(device=_device))
+        _client = KVStore(Settings().with_overrides(device=_device), untrusted_refs=True)  # refs from task messages
     return _client
 
 

@@ -118,7 +118,9 @@ def answer_questions(
 ) -> list[dict[str, Any]]:
     """Answer a batch of questions from one stored context, or from several composed into one prompt.
 
-    `ref` is an id, a unique prefix or a document path, or a list of them (composed in that order).
+    `ref` is an id or a unique prefix, or a list of them (composed in that order), of a context stored
+    by this worker's model: a task message is untrusted, so it never names a path the worker would
+    read, nor makes it load another model.
     `options` are the generation options as JSON (`GenerationOptions.from_dict`: max_new_tokens,
     temperature, top_p, top_k, do_sample, stop, seed), checked before any model work. Each answer comes
     back as JSON (`Answer.to_dict`): its text, the contexts used, token counts and finish reason.

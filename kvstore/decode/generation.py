@@ -31,6 +31,9 @@ from kvstore.errors import InputError
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_NEW_TOKENS_LIMIT = 4096
 MAX_STOP_STRINGS = 4
+# Longer stop strings cost transformers' StopStringCriteria memory and time in proportion (vocabulary
+# x length: ~100 MB and ~1 s at 1,000 characters), on the thread that decodes.
+MAX_STOP_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class GenerationOptions:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
+        if not isinstance(self.stop, list | tuple):
+            raise InputError(f"stop must be a string or a list of strings, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
         if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise InputError(
@@ -58,8 +63,14 @@ class GenerationOptions:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise InputError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if len(self.stop) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in self.stop):
-            raise InputError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings, got {self.stop!r}")
+        if len(self.stop) > MAX_STOP_STRINGS or any(
+            not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_LENGTH for s in self.stop
+        ):
+            raise InputError(
+                f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_LENGTH} characters"
+            )
+        if self.seed is not None and (type(self.seed) is not int or not 0 <= self.seed < 2**63):
+            raise InputError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
 
     @classmethod
     def from_config(cls, config: GenerationConfig) -> GenerationOptions:

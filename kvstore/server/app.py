@@ -140,7 +140,7 @@ def create_app(settings: Settings, server: ServerSettings | None = None, submit:
     With `submit`, POST /v1/contexts queues the text through it (202 and a job id) instead of ingesting.
     """
     server = server or ServerSettings()
-    engine = Engine(lambda: KVStore(settings, max_contexts=server.max_contexts, resolve_paths=False))
+    engine = Engine(lambda: KVStore(settings, max_contexts=server.max_contexts, untrusted_refs=True))
     ingest_lock = threading.Lock()
 
     @asynccontextmanager
@@ -181,7 +181,7 @@ def create_app(settings: Settings, server: ServerSettings | None = None, submit:
         if not engine.ready.is_set():
             raise APIError(503, "the model is still loading; retry in a moment", "server_error", "loading")
         if engine.error is not None:
-            raise APIError(503, f"the model could not be loaded: {engine.error}", "server_error", "model_error")
+            raise APIError(503, f"the server cannot answer: {engine.error}", "server_error", "model_error")
         return engine.client
 
     @app.get("/healthz")

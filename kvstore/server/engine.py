@@ -1,15 +1,17 @@
 """Two threads run the model for the HTTP server: one prepares requests, one decodes, one step at a time.
 
 Requests become `Job`s. The preparer thread resolves each job's contexts and loads and composes
-them through the client's LRU (or retrieves them: BM25), tokenizing as it goes, one job at a time
-in arrival order, and hands each prepared job to the engine thread. The engine thread only decodes:
-it groups the jobs waiting for the same (composed) context and the same generation options into one
-batch (the shared prefix decoded once for all of them), then advances every running batch by ONE
-decode step in turn. So running batches never wait for a cold context's blob read, validation and
-composition (the two threads share only the CPU), and a prepared request for another context waits
-at most one step of each running batch, never a whole generation. When idle, the engine gathers
-jobs until none has arrived for `gather_s` (at most `max_gather_s`), so questions that arrive
-together decode as one batch.
+them through the client's LRU (or retrieves them: BM25), one job at a time in arrival order, and
+hands each prepared job to the engine thread. The engine thread only decodes (it tokenizes a
+batch's questions when the batch starts): it groups the jobs waiting for the same (composed)
+context and the same generation options into one batch (the shared prefix decoded once for all of
+them), then advances every running batch by ONE decode step in turn. So running batches never wait
+for a cold context's blob read, validation and composition (the two threads share only the CPU),
+and a prepared request for another context waits at most one step of each running batch, never a
+whole generation. When idle, the engine gathers jobs until none has arrived for `gather_s` (at
+most `max_gather_s`), so questions that arrive together decode as one batch. If the decoding
+thread ever fails, every job it holds or will be given is failed with that error (never left
+waiting) and `/healthz` reports it.
 
 A job for a context whose batch is already running waits for that batch to finish (one cache per
 context holds its suffix), then joins the next batch with everything that arrived meanwhile. A
@@ -107,10 +109,12 @@ class Engine:
     def _prepare_all(self) -> None:
         while (job := self._submitted.get()) is not None:
             try:
+                if self.error is not None:
+                    raise RuntimeError(f"the server cannot answer: {self.error}")
                 with self.lock:
                     job.context = self._context(job)
             except BaseException as exc:
-                job.on_done(None, exc)
+                _notify(job, None, exc)
                 continue
             self._prepared.put(job)
 
@@ -134,12 +138,18 @@ class Engine:
         self.ready.set()
         waiting: list[Job] = []
         running: list[_Batch] = []
-        while True:
-            if not self._take(waiting, idle=not running and not waiting):
-                break
-            self._start_batches(waiting, running)
-            for batch in list(running):
-                self._step(batch, running)
+        try:
+            while self._take(waiting, idle=not running and not waiting):
+                self._start_batches(waiting, running)
+                for batch in list(running):
+                    self._step(batch, running)
+        except BaseException as exc:  # a bug here must not leave requests waiting forever
+            log.exception("the decoding thread stopped")
+            self.error = exc
+        finally:
+            stopped = self.error or RuntimeError("the server is shutting down")
+            for job in [*waiting, *(job for batch in running for job in batch.jobs), *_drain(self._prepared)]:
+                _notify(job, None, stopped)
 
     def _take(self, waiting: list[Job], idle: bool) -> bool:
         """Move prepared jobs into `waiting`; False to stop. Busy: whatever is there now. Idle: wait for
@@ -203,8 +213,28 @@ class Engine:
         running.remove(batch)
         for job, stream, row in zip(batch.jobs, batch.streams, batch.rows or [None] * len(batch.jobs), strict=True):
             if error is not None or row is None:
-                job.on_done(None, error or RuntimeError("no token was decoded"))
+                _notify(job, None, error or RuntimeError("no token was decoded"))
                 continue
             if job.on_piece is not None and (piece := stream.finish(row)):
                 job.on_piece(piece)
-            job.on_done(finished_answer(batch.context.loaded, row, job.options, batch.context.ids), None)
+            _notify(job, finished_answer(batch.context.loaded, row, job.options, batch.context.ids), None)
+
+
+def _notify(job: Job, answer: Any, error: BaseException | None) -> None:
+    """Hand a job its result; a caller that went away (its event loop closed) is only logged."""
+    try:
+        job.on_done(answer, error)
+    except Exception:
+        log.exception("a finished request could not be told its result")
+
+
+def _drain(jobs: queue.Queue[Job | None]) -> list[Job]:
+    """Everything still queued (the stop sentinel dropped)."""
+    drained = []
+    while True:
+        try:
+            job = jobs.get_nowait()
+        except queue.Empty:
+            return drained
+        if job is not None:
+            drained.append(job)

@@ -7,7 +7,8 @@ question decoding) per-op overhead dominates that arithmetic when a model has fe
 (SmolLM2: 3), and this measured faster than the loop there (docs/BENCHMARKS.md, decode kernels);
 with many heads or many rows the extra arithmetic wins and the loop or the fused kernel is chosen.
 Nothing is padded: the only extra memory is a boolean row-owner mask per prefix (kv_heads bytes a
-row, against 2 x head_dim x 4 bytes of K/V a row in float32).
+row, against 2 x head_dim x 4 bytes of K/V a row in float32), and a call whose scores would exceed
+`MAX_SCORES` goes to the loop kernel instead.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ import weakref
 
 import torch
 
+from kvstore.decode.kernels.loop import ragged_attention
 from kvstore.decode.kernels.suffix import suffix_mask
 from kvstore.decode.prefix import RaggedPrefix
 
+# The score matrix is [kv_heads, rows, kept + suffix]: past this many elements (256 MiB in float32) the
+# call goes to the loop kernel, which works head by head in bounded blocks.
+MAX_SCORES = 1 << 26
 _foreign_rows: weakref.WeakKeyDictionary[RaggedPrefix, torch.Tensor] = weakref.WeakKeyDictionary()
 
 
@@ -26,7 +31,8 @@ def _foreign(prefix: RaggedPrefix) -> torch.Tensor:
     """[kv_heads, 1, kept]: True where a packed row belongs to another head (built once per prefix)."""
     if prefix not in _foreign_rows:
         device = prefix.keys.device
-        owner = torch.repeat_interleave(torch.arange(prefix.kv_heads, device=device), torch.tensor(prefix.lengths))
+        lengths = torch.tensor(prefix.lengths, device=device)
+        owner = torch.repeat_interleave(torch.arange(prefix.kv_heads, device=device), lengths)
         _foreign_rows[prefix] = (owner[None, :] != torch.arange(prefix.kv_heads, device=device)[:, None])[:, None]
     return _foreign_rows[prefix]
 
@@ -43,6 +49,8 @@ def masked_attention(
     batch, q_heads, q_len, dim = query.shape
     kv_heads, s_len = suffix_keys.shape[1], suffix_keys.shape[2]
     groups, rows, kept = q_heads // kv_heads, batch * (q_heads // kv_heads) * q_len, prefix.keys.shape[0]
+    if kv_heads * rows * (kept + s_len) > MAX_SCORES:  # a big batch or prompt: the loop bounds its scores
+        return ragged_attention(query, prefix, suffix_keys, suffix_values, attention_mask, scaling)
     grouped = query.reshape(batch, kv_heads, groups * q_len, dim)  # a group's query heads are contiguous
     per_head = grouped.transpose(0, 1).reshape(kv_heads, rows, dim)  # rows ordered (batch, group, token)
     if prefix.key_channels is not None:
