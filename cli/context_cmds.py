@@ -186,7 +186,7 @@ def _cited(sources: Sequence[Source]) -> str:
     type=click.IntRange(1, 64),
     default=None,
     metavar="K",
-    help="No REF: search the store (BM25) and answer from the top K contexts that fit, composed.",
+    help="No REF: search the store (BM25) and answer from the top K contexts that fit, composed best match last.",
 )
 @click.option(
     "--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096), help="Longest answer, in tokens."

@@ -332,11 +332,12 @@ class KVStore:
         return self.searcher.search(question, k, where=lambda r: r.model == name)
 
     def prepare_retrieved(self, question: str, k: int = 4, options: Options = None) -> LoadedContext:
-        """The top-`k` contexts for `question` that fit the window together, composed in rank order."""
+        """The top-`k` contexts for `question` that fit the window together, composed best match last."""
         return self._retrieved(question, k, generation_options(options))[0]
 
     def _retrieved(self, question: str, k: int, options: GenerationOptions) -> tuple[LoadedContext, list[SearchHit]]:
-        """`prepare_retrieved`'s context, and the hits it composes (in rank order, as in the prompt)."""
+        """`prepare_retrieved`'s context, and the hits it composes, in prompt order: the best match last,
+        next to the question (a composed prompt is answered mostly from its last context: BENCHMARKS §7)."""
         hits = self.search(question, k)
         if not hits:
             raise ContextNotFoundError("no stored context of this model matches the question: ingest documents first")
@@ -348,12 +349,14 @@ class KVStore:
                 used.append(hit)
         if not used:
             raise PositionError(f"no retrieved context fits the model's window of {window:,} tokens with the question")
+        used.reverse()
         return self._composed([h.record for h in used], reserve), used
 
     def retrieve_and_ask(self, question: str, k: int = 4, options: Options = None, **generation: Any) -> Answer:
-        """RAG in one call: the top-`k` contexts that fit the window, composed in rank order, one answer.
+        """RAG in one call: the top-`k` contexts that fit the window, composed best match last, one answer.
 
-        `answer.sources` cites the contexts used, in prompt order: id, document, part and BM25 score.
+        `answer.sources` cites the contexts used, in prompt order (the best match last): id, document,
+        part and BM25 score.
         """
         chosen = generation_options(options, **generation)
         context, used = self._retrieved(question, k, chosen)

@@ -171,10 +171,10 @@ def test_ask_a_long_document_answers_once_from_its_most_relevant_parts(
 
     retrieve = ["ask", "--retrieve", "2", "Zebulon?", "--model", str(model), "--max-new-tokens", "4"]
     [found] = json.loads(run(*retrieve, "--json").output)  # the sources come with their BM25 scores
-    [best, *_] = found["sources"]
-    assert best["source"] == "long.txt" and best["score"] > 0
+    [*_, best] = found["sources"]  # in prompt order: the best match last, next to the question
+    assert best["source"] == "long.txt" and best["score"] == max(s["score"] for s in found["sources"]) > 0
     cited = run(*retrieve).output.split("\n", 1)[0]
-    assert cited.startswith(f"long.txt part {best['part'] + 1}/{parts} (bm25 {best['score']:.2f})")
+    assert cited.endswith(f"long.txt part {best['part'] + 1}/{parts} (bm25 {best['score']:.2f}) Zebulon?")
 
 
 def test_ask_unknown_context_is_a_clear_error(store_home: Path) -> None:

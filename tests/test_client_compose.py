@@ -116,13 +116,14 @@ def test_search_ranks_parts_without_reading_blobs_and_retrieval_answers_once(
     assert hits[0].score > 0 and [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     monkeypatch.undo()
     answer = kv.retrieve_and_ask("Which city keeps the archive, Quillport?", k=2, options=OPTIONS)
-    assert answer.contexts[0] == ids[2] and set(answer.contexts) <= {h.id for h in hits}
+    assert answer.contexts[-1] == ids[2] and set(answer.contexts) <= {h.id for h in hits}  # best last
+    assert [by_score.id for by_score in hits[: len(answer.contexts)]] == list(reversed(answer.contexts))
     by_id = {h.id: h for h in hits}
     assert [(s.id, s.source, s.part, s.parts, s.score) for s in answer.sources] == [
         (i, by_id[i].source, 0, 1, by_id[i].score) for i in answer.contexts
     ]
     sent = json.loads(json.dumps(answer.to_dict()))  # JSON-safe: how a worker or a script hands it on
-    assert sent["sources"][0] == {"id": ids[2], "source": "doc2.txt", "part": 0, "parts": 1, "score": hits[0].score}
+    assert sent["sources"][-1] == {"id": ids[2], "source": "doc2.txt", "part": 0, "parts": 1, "score": hits[0].score}
     assert Answer.from_dict(sent).sources == tuple(Source(**s.to_dict()) for s in answer.sources)
     kv.store.delete(ids[2])
     assert all(h.id != ids[2] for h in kv.search("Quillport archive", k=4))  # deleted: its text is gone too
