@@ -32,8 +32,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +48,7 @@ SHAPES = {"smollm2": (30, 3, 3, 64), "8b": (32, 8, 4, 128)}  # layers, KV heads,
 SUFFIX = 24
 NAMES = (*KERNELS, AUTO)  # every kernel, and what the default picks per call
 KEPT = 0.25
+K = TypeVar("K")
 
 
 @dataclass
@@ -92,6 +96,19 @@ def shared_floor_step(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     return F.scaled_dot_product_attention(folded, keys, values)
 
 
+def interleaved(steps: dict[K, Callable[[], object]], rounds: int) -> dict[K, list[float]]:
+    """Seconds per call of every step, after one warm-up each: round by round, every step once per round."""
+    times: dict[K, list[float]] = {key: [] for key in steps}
+    for step in steps.values():
+        step()
+    for _ in range(rounds):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - start)
+    return times
+
+
 def time_config(
     shape: str, tokens: int, batch: int, distinct: int, timed_layers: int, rounds: int, load: str, stat: str
 ) -> list[Row]:
@@ -124,14 +141,7 @@ def time_config(
     for name in NAMES:
         steps[(name, "full")] = kernel_step(name, full)
         steps[(name, "compressed")] = kernel_step(name, compressed)
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
-    for step in steps.values():
-        step()  # warm-up
-    for _ in range(rounds):
-        for key, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[key].append(time.perf_counter() - start)
+    times = interleaved(steps, rounds)
     pick = min if stat == "min" else statistics.median
     ms = {key: 1000 * pick(values) * layers / timed for key, values in times.items()}
     return [
@@ -162,6 +172,21 @@ def contend() -> None:
     while os.getppid() == parent:  # a killed benchmark leaves no process behind
         for i in range(layers):
             KERNELS["loop"](query, prefixes[i % 4], suffix, suffix, None, dim**-0.5)
+
+
+@contextmanager
+def contention(load: str) -> Iterator[None]:
+    """With load "second-process", the `contend` process decodes for as long as the block runs."""
+    if load != "second-process":
+        yield
+        return
+    helper = subprocess.Popen([sys.executable, __file__, "--contend"], stdout=subprocess.PIPE, text=True)
+    try:
+        helper.stdout.readline()  # wait until it decodes
+        yield
+    finally:
+        helper.kill()
+        helper.wait()
 
 
 def table(rows: list[Row]) -> str:
@@ -201,11 +226,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.stat} of {rounds} rounds")
     rows: list[Row] = []
     for load in args.load.split(","):
-        helper = None
-        if load == "second-process":
-            helper = subprocess.Popen([sys.executable, __file__, "--contend"], stdout=subprocess.PIPE, text=True)
-            helper.stdout.readline()  # wait until it decodes
-        try:
+        with contention(load):
             for shape in args.shapes.split(","):
                 for tokens in lengths:
                     for batch in (int(b) for b in args.batches.split(",")):
@@ -213,10 +234,6 @@ def main() -> None:
                             shape, tokens, batch, args.distinct_layers, args.timed_layers, rounds, load, args.stat
                         )
                         print(table(rows[-len(NAMES) :]).splitlines()[-len(NAMES) :], flush=True)
-        finally:
-            if helper is not None:
-                helper.kill()
-                helper.wait()
     print(table(rows))
     if args.out:
         Path(args.out).write_text(json.dumps([asdict(r) for r in rows], indent=1))

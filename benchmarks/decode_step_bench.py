@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import StaticCache
 
-from benchmarks.decode_bench import KEPT, NAMES, uneven_lengths
+from benchmarks.decode_bench import KEPT, NAMES, contention, interleaved, uneven_lengths
 from kvstore.decode.cache import CompressedCache
 from kvstore.engine.models import LoadedModel, load_model
 from kvstore.kv.compressed import CompressedKV, CompressedLayer
@@ -101,14 +98,7 @@ def time_config(loaded: LoadedModel, tokens: int, batch: int, rounds: int, load:
         steps[("full", "")] = step_fn(loaded, dense_cache(loaded, batch, tokens, gen), batch, tokens)
     for name in NAMES:
         steps[("compressed", name)] = step_fn(loaded, CompressedCache(compressed, kernel=name), batch, tokens)
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
-    for step in steps.values():
-        step()  # warm-up
-    for _ in range(rounds):
-        for key, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[key].append(time.perf_counter() - start)
+    times = interleaved(steps, rounds)
     ms = {key: 1000 * min(values) for key, values in times.items()}
     full = ms.get(("full", ""))
     return [StepRow(tokens, batch, load, name, ms[("compressed", name)], ms[("floor", "")], full) for name in NAMES]
@@ -142,20 +132,11 @@ def main() -> None:
     print(f"{KEPT:.0%} kept; {loaded.kv_shape}")
     rows: list[StepRow] = []
     for load in args.load.split(","):
-        helper = None
-        if load == "second-process":
-            contender = Path(__file__).with_name("decode_bench.py")
-            helper = subprocess.Popen([sys.executable, contender, "--contend"], stdout=subprocess.PIPE, text=True)
-            helper.stdout.readline()  # wait until it decodes
-        try:
+        with contention(load):
             for tokens in (int(n) for n in args.lengths.split(",")):
                 for batch in (int(b) for b in args.batches.split(",")):
                     rows += time_config(loaded, tokens, batch, args.rounds, load)
                     print("\n".join(table(rows[-len(NAMES) :]).splitlines()[2:]), flush=True)
-        finally:
-            if helper is not None:
-                helper.kill()
-                helper.wait()
     print(table(rows))
     if args.out:
         Path(args.out).write_text(json.dumps([asdict(r) for r in rows], indent=1))
