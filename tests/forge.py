@@ -27,9 +27,9 @@ Mutation = Callable[[dict, dict[str, torch.Tensor]], None]
 SHAPE = KVShape(layers=3, kv_heads=3, head_dim=16, window=128, vocab=1000)  # what the reading "model" has
 
 
-def base_context(pruned: bool = False) -> CompressedKV:
+def base_context(pruned: bool = False, dtype: torch.dtype = torch.float32) -> CompressedKV:
     """3 layers x 3 KV heads x 16 channels, 80 tokens; `pruned`: layer 1 keeps 8 key channels (ThinK)."""
-    compressed = random_compressed(layers=3, kv_heads=3, head_dim=16, length=80, seed=7)
+    compressed = random_compressed(layers=3, kv_heads=3, head_dim=16, length=80, dtype=dtype, seed=7)
     if pruned:
         layer = compressed.layers[1]
         channels = torch.tensor([[0, 2, 3, 5, 7, 8, 11, 15]] * 3, dtype=torch.int32)
@@ -39,10 +39,15 @@ def base_context(pruned: bool = False) -> CompressedKV:
 
 
 def forge(
-    path: Path, quant: str, mutate: Mutation | None = None, pruned: bool = False, fingerprint: str = "fp-a"
+    path: Path,
+    quant: str,
+    mutate: Mutation | None = None,
+    pruned: bool = False,
+    fingerprint: str = "fp-a",
+    dtype: torch.dtype = torch.float32,
 ) -> BlobHeader:
     """Write a blob at `path` (format by suffix) whose header and tensors `mutate` edited, checksum re-sealed."""
-    compressed = base_context(pruned)
+    compressed = base_context(pruned, dtype)
     header = BlobHeader.describe(
         compressed, model="tiny", model_fingerprint=fingerprint, tokenizer_fingerprint="tok-a", press=PRESS, quant=quant
     )

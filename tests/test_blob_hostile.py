@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -22,7 +23,7 @@ from kvstore.storage.formats import FORMATS, get_format
 from kvstore.storage.payload import checksum
 from kvstore.storage.store import blob_name
 from tests.factories import load_blob
-from tests.forge import CASES, SHAPE, Case, forge
+from tests.forge import CASES, SHAPE, Case, first_float, forge
 from tests.tiny import sample_text, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +121,19 @@ meta_path.write_text(json.dumps(meta))
 refusals.append(refuse(huge))
 print(json.dumps({"refusals": refusals, "grew_mib": peak_mib() - before}))
 """
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_float16_scales_that_dequantize_beyond_float16_are_refused(tmp_path: Path, fmt: str, quant: str) -> None:
+    """Scales finite in float16 (60,000) whose codes multiply them past its range: refused, not answered as inf."""
+    path = tmp_path / f"forged{FORMATS[fmt]}"
+    forge(path, quant, first_float("keys.scales", 60000.0), dtype=torch.float16)
+    with pytest.raises(BlobError, match="dequantizes to values beyond float16 \\(scales\\)"):
+        load_blob(path, "fp-a", SHAPE)
+    clean = tmp_path / f"clean{FORMATS[fmt]}"
+    forge(clean, quant, dtype=torch.float16)  # the same blob unedited loads
+    assert load_blob(clean, "fp-a", SHAPE)[0].finite
 
 
 def test_refusing_huge_declarations_allocates_nothing_like_them(tmp_path: Path) -> None:

@@ -17,7 +17,10 @@ from kvstore.decode.cache import CompressedCache
 from kvstore.engine.models import prepare_model
 from kvstore.ingest import ingest_text
 from kvstore.presses import make_press
+from kvstore.storage.blob import BlobError
 from kvstore.storage.store import ContextStore
+from tests.factories import random_compressed
+from tests.stores import make_meta
 from tests.tiny import sample_text, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +42,20 @@ def test_dtype_settings_are_checked_where_they_enter(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("KVSTORE_STORAGE_DTYPE", "float8")
     with pytest.raises(SettingsError, match="KVSTORE_STORAGE_DTYPE"):
         Settings()
+
+
+def test_float16_storage_refuses_values_it_cannot_hold_and_stores_nothing(tmp_path: Path) -> None:
+    store = ContextStore.open(Settings(home=tmp_path / "home", redis_url=None, storage_dtype="float16"))
+    try:
+        compressed = random_compressed()
+        compressed.layers[1].values[0, 0] = 1e6  # float16 tops out at 65,504
+        with pytest.raises(BlobError, match="exceed float16's range: store them as bfloat16 or float32"):
+            store.put(compressed, make_meta())
+        assert store.list() == [] and list(store.backend.list()) == []
+        record, created = store.put(random_compressed(), make_meta())  # values in range: stored in float16
+        assert created and record.dtype == "float16"
+    finally:
+        store.close()
 
 
 def test_bfloat16_storage_halves_the_blob_and_decodes_in_the_models_dtype(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ Every refusal is a `BlobError` naming the field. Importing this module loads no 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from kvstore.kv.shape import KVShape
@@ -98,13 +99,7 @@ _ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "uint8": 1
 
 def declared_bytes(header: BlobHeader) -> int:
     """Bytes of every tensor the header implies: what reading the blob may allocate, at most."""
-    total = 0
-    for dtype, shape in declared_tensors(header).values():
-        count = 1
-        for n in shape:
-            count *= n
-        total += count * _ITEM_BYTES[dtype]
-    return total
+    return sum(math.prod(shape) * _ITEM_BYTES[dtype] for dtype, shape in declared_tensors(header).values())
 
 
 def check_tensors(header: BlobHeader, found: Table, where: str) -> None:
